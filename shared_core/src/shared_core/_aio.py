@@ -1,0 +1,117 @@
+"""``AsyncSharedState``: the async twin of ``SharedState``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any
+
+from ._config import Config, resolve
+from ._errors import LockTimeout
+from ._manager import AsyncManagerEngine
+from ._state import check_amount, check_key, check_nbytes, check_timeout, decode, encode
+
+
+class AsyncSharedState:
+    """The async API of :class:`SharedState`: every method is awaitable.
+
+    Parameters:
+        url: as for :class:`SharedState`.
+        app: as for :class:`SharedState`.
+
+    Waiting for the server never blocks the event loop: calls are written to
+    a non-blocking socket and many concurrent calls share one connection
+    (pipelined); a held lock or ``mutate`` has a connection of its own.
+    Use it from one event loop at a time.
+    """
+
+    def __init__(self, url: str | None = None, *, app: str | None = None) -> None:
+        self._config: Config = resolve(url, app)
+        self._engine = AsyncManagerEngine(self._config)
+
+    @property
+    def url(self) -> str:
+        """The URL this state resolved to."""
+        return self._config.url
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        """Return a copy of the value of ``key``, or ``default``."""
+        return decode(await self._engine.call("get", check_key(key)), default)
+
+    async def set(self, key: str, value: Any) -> None:
+        """Store ``value`` under ``key``; TypeError if it cannot be pickled."""
+        await self._engine.call("set", check_key(key), encode(value))
+
+    async def delete(self, key: str) -> bool:
+        """Remove ``key``; return whether it existed."""
+        return bool(await self._engine.call("delete", check_key(key)))
+
+    async def incr(self, key: str, amount: int = 1) -> int:
+        """Add ``amount`` to the int at ``key`` (0 if missing) on the server; return it."""
+        return int(await self._engine.call("incr", check_key(key), check_amount(amount)))
+
+    async def setdefault(self, key: str, value: Any) -> Any:
+        """Store ``value`` unless ``key`` exists; return the stored value."""
+        return decode(await self._engine.call("setdefault", check_key(key), encode(value)))
+
+    async def keys(self, prefix: str = "") -> list[str]:
+        """Return the sorted keys that start with ``prefix``."""
+        return list(await self._engine.call("keys", check_key(prefix)))
+
+    async def clear(self, prefix: str = "") -> int:
+        """Remove every key that starts with ``prefix``; return how many."""
+        return int(await self._engine.call("clear", check_key(prefix)))
+
+    async def secret(self, name: str, nbytes: int = 32) -> str:
+        """Return a random hex secret made once per deployment (see ``SharedState``)."""
+        return str(await self._engine.call("secret", check_key(name), check_nbytes(nbytes)))
+
+    @asynccontextmanager
+    async def lock(self, name: str, timeout: float | None = None) -> AsyncIterator[None]:
+        """Hold the cross-process lock ``name`` for the ``async with`` block."""
+        timeout = check_timeout(timeout)
+        handle = await self._engine.lock_acquire(check_key(name), timeout)
+        if handle is None:
+            raise LockTimeout(f"lock {name!r} not acquired within {timeout:g}s")
+        try:
+            yield
+        finally:
+            await self._engine.lock_release(handle, name)
+
+    @asynccontextmanager
+    async def mutate(
+        self, key: str, default: Any = None, timeout: float | None = None
+    ) -> AsyncIterator[Any]:
+        """Read-modify-write the whole value of ``key``, atomically (see ``SharedState``)."""
+        handle, raw = await self._engine.mutate_begin(check_key(key), check_timeout(timeout))
+        try:
+            value = decode(raw, default)
+            yield value
+            data = encode(value)
+        except BaseException:
+            await self._engine.mutate_end(handle, key, None, False)
+            raise
+        await self._engine.mutate_end(handle, key, data, True)
+
+    async def info(self) -> dict[str, Any]:
+        """Return what the server reports about itself (pid, clients, keys, ...)."""
+        return dict(await self._engine.call("info"))
+
+    async def aclose(self) -> None:
+        """Close the connections (a later call reconnects)."""
+        await self._engine.aclose()
+
+    async def __aenter__(self) -> AsyncSharedState:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"AsyncSharedState({self.url!r})"

@@ -1,0 +1,222 @@
+"""Where the state server lives and how clients prove who they are.
+
+One URL selects everything. The forms are:
+
+``local://APP`` (the default, ``APP`` from the ``app`` argument)
+    A Unix socket in a private per-user, per-app directory; the first client
+    that finds no server starts one.
+``unix:///path/to/state.sock``
+    A server started explicitly (``shared-core serve``) on that socket.
+``tcp://HOST:PORT``
+    A server started explicitly on TCP; loopback only unless the server opts in.
+
+Query parameters: ``linger`` (seconds an auto-started server stays without
+clients), ``connect_timeout``, ``op_timeout`` and ``allow_remote`` (server only).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import secrets
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from ._errors import ConfigError
+
+ENV_URL = "SHARED_STATE_URL"
+ENV_AUTHKEY = "SHARED_STATE_AUTHKEY"
+ENV_AUTHKEY_FILE = "SHARED_STATE_AUTHKEY_FILE"
+
+DEFAULT_APP = "default"
+DEFAULT_LINGER = 10.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_OP_TIMEOUT = 30.0
+
+SOCKET_NAME = "state.sock"
+AUTHKEY_NAME = "authkey"
+START_LOCK_NAME = "start.lock"
+LOG_NAME = "server.log"
+
+_APP_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# sockaddr_un.sun_path is 108 bytes on Linux, including the final NUL.
+_MAX_SOCKET_PATH = 107
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a client or a server needs to know, resolved from one URL."""
+
+    url: str
+    scheme: str  # "local", "unix" or "tcp"
+    address: str | tuple[str, int]
+    state_dir: Path | None  # private directory of a local or unix server
+    autostart: bool
+    linger: float
+    connect_timeout: float
+    op_timeout: float | None
+    allow_remote: bool
+
+    @property
+    def family(self) -> str:
+        return "AF_INET" if self.scheme == "tcp" else "AF_UNIX"
+
+    @property
+    def authkey_file(self) -> Path | None:
+        """The file holding the key when the environment names none."""
+        explicit = os.environ.get(ENV_AUTHKEY_FILE)
+        if explicit:
+            return Path(explicit)
+        return None if self.state_dir is None else self.state_dir / AUTHKEY_NAME
+
+    def read_authkey(self) -> bytes:
+        """Return the key clients and server share; FileNotFoundError if none yet."""
+        env = os.environ.get(ENV_AUTHKEY)
+        if env:
+            return env.encode()
+        path = self.authkey_file
+        if path is None:
+            raise ConfigError(
+                f"{self.url}: a TCP server needs {ENV_AUTHKEY} or {ENV_AUTHKEY_FILE}"
+            )
+        check_private_file(path)
+        key = path.read_bytes().strip()
+        if not key:
+            raise ConfigError(f"authkey file {path} is empty")
+        return key
+
+    def ensure_authkey(self, *, regenerate: bool) -> bytes:
+        """Return the key, writing a new random one (mode 0600) where none is set."""
+        if os.environ.get(ENV_AUTHKEY) or os.environ.get(ENV_AUTHKEY_FILE):
+            return self.read_authkey()
+        path = self.authkey_file
+        if path is None:
+            return self.read_authkey()  # raises the TCP error
+        if not regenerate:
+            try:
+                return self.read_authkey()
+            except FileNotFoundError:
+                pass
+        key = secrets.token_hex(32).encode()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+        os.replace(tmp, path)
+        return key
+
+
+def base_dir() -> Path:
+    """The per-user directory under which each app gets its private directory."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return Path(runtime) / "shared_core"
+    return Path(tempfile.gettempdir()) / f"shared_core-{os.geteuid()}"
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (mode 0700) or check that an existing one is private to us."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path} is not a directory (a symlink is refused)")
+    if st.st_uid != os.geteuid():
+        raise ConfigError(f"{path} belongs to uid {st.st_uid}, not to this user")
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{path} has mode {stat.S_IMODE(st.st_mode):o}; it must be private (0700)"
+        )
+    return path
+
+
+def check_private_file(path: Path) -> None:
+    """Refuse a key file that other users could read or that is not ours."""
+    st = os.stat(path)
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"authkey file {path} has mode {stat.S_IMODE(st.st_mode):o}; "
+            "it must be readable by its owner only (0600)"
+        )
+    if st.st_uid != os.geteuid():
+        raise ConfigError(f"authkey file {path} belongs to uid {st.st_uid}, not to us")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _float(query: dict[str, list[str]], name: str, default: float) -> float:
+    if name not in query:
+        return default
+    raw = query[name][-1]
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not value >= 0:
+        raise ConfigError(f"{name} must be >= 0, not {raw}")
+    return value
+
+
+def resolve(url: str | None = None, app: str | None = None) -> Config:
+    """Resolve ``url`` (else ``$SHARED_STATE_URL``, else ``local://APP``)."""
+    if url is None:
+        url = os.environ.get(ENV_URL) or f"local://{app or DEFAULT_APP}"
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    linger = _float(query, "linger", DEFAULT_LINGER)
+    connect_timeout = _float(query, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)
+    op_timeout: float | None = _float(query, "op_timeout", DEFAULT_OP_TIMEOUT)
+    if op_timeout == 0:
+        op_timeout = None
+    allow_remote = query.get("allow_remote", ["0"])[-1].lower() in ("1", "true", "yes")
+    scheme = parts.scheme
+    address: str | tuple[str, int]
+    state_dir: Path | None
+    if scheme == "local":
+        name = parts.netloc or parts.path.strip("/") or app or DEFAULT_APP
+        if not _APP_RE.match(name):
+            raise ConfigError(f"app name {name!r} must match {_APP_RE.pattern}")
+        state_dir = base_dir() / name
+        address = str(state_dir / SOCKET_NAME)
+    elif scheme == "unix":
+        if not parts.path.startswith("/"):
+            raise ConfigError(f"{url}: a unix URL needs an absolute path (unix:///...)")
+        address = parts.path
+        state_dir = Path(parts.path).parent
+    elif scheme == "tcp":
+        host, port = parts.hostname, parts.port
+        if not host or port is None:
+            raise ConfigError(f"{url}: a tcp URL needs a host and a port")
+        address, state_dir = (host, port), None
+    else:
+        raise ConfigError(
+            f"unsupported state URL {url!r}: "
+            "use local://APP, unix:///PATH or tcp://HOST:PORT"
+        )
+    if isinstance(address, str) and len(os.fsencode(address)) > _MAX_SOCKET_PATH:
+        raise ConfigError(f"socket path {address} is too long for a Unix socket")
+    return Config(
+        url=url,
+        scheme=scheme,
+        address=address,
+        state_dir=state_dir,
+        autostart=scheme == "local",
+        linger=linger,
+        connect_timeout=connect_timeout,
+        op_timeout=op_timeout,
+        allow_remote=allow_remote,
+    )

@@ -1,0 +1,24 @@
+"""The exceptions of the public API."""
+
+from __future__ import annotations
+
+
+class StateError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class StateUnavailable(StateError):
+    """The state server could not be reached, or the connection broke mid-call.
+
+    Raised after a bounded reconnect (``connect_timeout``) or when a call
+    outlives ``op_timeout``. A call that raised this may or may not have been
+    applied: the request may have reached the server before the connection broke.
+    """
+
+
+class LockTimeout(StateError, TimeoutError):
+    """A lock (or a ``mutate`` of a key) could not be taken within its timeout."""
+
+
+class ConfigError(StateError, ValueError):
+    """The URL, address, authkey or directory settings are invalid or unsafe."""

@@ -1,0 +1,217 @@
+"""Many processes, threads and tasks on one state: atomicity and start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from conftest import server_processes, wait_for
+from shared_core import AsyncSharedState, SharedState
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def _incr_many(url: str, n: int, out: Any) -> None:
+    state = SharedState(url)
+    out.put([state.incr("n") for _ in range(n)])
+
+
+def _append_many(url: str, tag: int, n: int) -> None:
+    state = SharedState(url)
+    for i in range(n):
+        with state.mutate("items", []) as items:
+            items.append((tag, i))
+
+
+def _start_together(url: str, barrier: Any, out: Any) -> None:
+    state = SharedState(url)
+    barrier.wait()
+    state.incr("started")
+    out.put(state.info()["pid"])
+
+
+def _hold_lock_forever(url: str, held: Any) -> None:
+    state = SharedState(url)
+    with state.lock("L"):
+        held.set()
+        time.sleep(3600)
+
+
+def _set_and_die(url: str, done: Any) -> None:
+    state = SharedState(url)
+    state.set("survivor", {"from": os.getpid()})
+    done.set()
+    time.sleep(3600)
+
+
+def _join(procs: list[Any]) -> None:
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0, f"{p} exited with {p.exitcode}"
+
+
+def test_8_processes_x_2000_incr_is_exactly_16000(url: str) -> None:
+    out = SPAWN.Queue()
+    procs = [SPAWN.Process(target=_incr_many, args=(url, 2000, out)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    seen = [n for _ in procs for n in out.get(timeout=120)]
+    _join(procs)
+    assert sorted(seen) == list(range(1, 16001))
+    assert SharedState(url).get("n") == 16000
+
+
+def test_8_processes_mutate_one_list_and_lose_nothing(url: str) -> None:
+    procs = [SPAWN.Process(target=_append_many, args=(url, tag, 50)) for tag in range(8)]
+    for p in procs:
+        p.start()
+    _join(procs)
+    items = SharedState(url).get("items")
+    assert sorted(items) == sorted((tag, i) for tag in range(8) for i in range(50))
+
+
+def test_16_spawned_processes_starting_at_once_make_one_server(app: str, url: str) -> None:
+    barrier = SPAWN.Barrier(16)
+    out = SPAWN.Queue()
+    procs = [SPAWN.Process(target=_start_together, args=(url, barrier, out)) for _ in range(16)]
+    for p in procs:
+        p.start()
+    pids = {out.get(timeout=60) for _ in procs}
+    _join(procs)
+    servers = server_processes(app)
+    assert len(servers) == 1, servers
+    assert pids == {servers[0].pid}
+    assert SharedState(url).get("started") == 16
+
+
+def test_state_survives_sigkill_of_the_process_that_started_the_server(
+    app: str, url: str
+) -> None:
+    done = SPAWN.Event()
+    starter = SPAWN.Process(target=_set_and_die, args=(url, done))
+    starter.start()
+    assert done.wait(30)
+    server = server_processes(app)
+    assert len(server) == 1
+    os.kill(starter.pid, signal.SIGKILL)
+    starter.join(10)
+    state = SharedState(url)
+    assert state.get("survivor") == {"from": starter.pid}
+    assert state.info()["pid"] == server[0].pid
+
+
+def test_sigkilled_lock_holder_releases_the_lock_within_1s(url: str) -> None:
+    held = SPAWN.Event()
+    holder = SPAWN.Process(target=_hold_lock_forever, args=(url, held))
+    holder.start()
+    assert held.wait(30)
+    state = SharedState(url)
+    with pytest.raises(TimeoutError):
+        with state.lock("L", timeout=0.1):
+            pass
+    os.kill(holder.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    with state.lock("L", timeout=5):
+        waited = time.monotonic() - killed
+    holder.join(10)
+    assert waited < 1.0, f"lock freed {waited:.2f}s after its holder died"
+
+
+def test_threads_share_one_instance_safely(url: str) -> None:
+    state = SharedState(url)
+    seen: list[int] = []
+
+    def work() -> None:
+        seen.extend(state.incr("n") for _ in range(500))
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seen) == list(range(1, 4001))
+
+
+def test_a_forked_child_gets_its_own_connection(url: str) -> None:
+    state = SharedState(url)
+    state.incr("n")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            values = [state.incr("n") for _ in range(200)]
+            os.write(write, f"{values[-1]} {state.info()['clients']}".encode())
+        finally:
+            os._exit(0)
+    parent_values = [state.incr("n") for _ in range(200)]
+    _, status = os.waitpid(pid, 0)
+    child_last, clients = map(int, os.read(read, 100).split())
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert state.get("n") == 401
+    assert max(parent_values[-1], child_last) == 401
+    assert clients >= 2  # the child did not talk over the parent's socket
+
+
+def test_async_calls_do_not_block_the_event_loop(url: str) -> None:
+    held = SPAWN.Event()
+    holder = SPAWN.Process(target=_hold_lock_forever, args=(url, held))
+    holder.start()
+    assert held.wait(30)
+
+    async def main() -> tuple[int, int]:
+        state = AsyncSharedState(url)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        with pytest.raises(TimeoutError):
+            async with state.lock("L", timeout=1.0):
+                pass
+        during_wait = ticks
+        numbers = await asyncio.gather(*(state.incr("n") for _ in range(200)))
+        task.cancel()
+        await state.aclose()
+        assert sorted(numbers) == list(range(1, 201))
+        return during_wait, len(numbers)
+
+    try:
+        ticks, _ = asyncio.run(main())
+    finally:
+        holder.kill()
+        holder.join(10)
+    # ~100 ticks fit in the 1 s wait; a blocked loop would give about none.
+    assert ticks >= 30, ticks
+
+
+def test_async_lock_is_released_when_the_waiting_task_is_cancelled(url: str) -> None:
+    async def main() -> None:
+        a, b = AsyncSharedState(url), AsyncSharedState(url)
+        async with a.lock("L"):
+            waiter = asyncio.create_task(_take(b))
+            await asyncio.sleep(0.2)
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+        # Had the cancelled waiter kept a claim, this would time out.
+        async with b.lock("L", timeout=2):
+            pass
+        await a.aclose()
+        await b.aclose()
+
+    async def _take(state: AsyncSharedState) -> None:
+        async with state.lock("L"):
+            await asyncio.sleep(3600)
+
+    asyncio.run(main())
