@@ -1,0 +1,5 @@
+"""What WSGI servers load: ``flask_counter.wsgi:app``."""
+
+from . import create_app
+
+app = create_app()

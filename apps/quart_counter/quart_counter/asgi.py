@@ -1,0 +1,5 @@
+"""What ASGI servers load: ``quart_counter.asgi:app``."""
+
+from . import create_app
+
+app = create_app()

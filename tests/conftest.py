@@ -1,0 +1,299 @@
+"""Real app servers, started as real processes, for every framework × server.
+
+The pairing comes from ``$PAIRING`` (tox sets it to the env name, e.g.
+``quart-hypercorn``) or ``--pairing``: ``FRAMEWORK-SERVER[-gthread]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+APPS = {
+    "flask": ("flask_counter", "flask_counter.wsgi:app"),
+    "quart": ("quart_counter", "quart_counter.asgi:app"),
+    "fastapi": ("fastapi_counter", "fastapi_counter.main:app"),
+}
+SERVERS = ("gunicorn", "hypercorn", "uvicorn")
+WORKERS = 4
+START_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Pairing:
+    framework: str
+    server: str
+    gthread: bool = False
+
+    @classmethod
+    def parse(cls, name: str) -> Pairing:
+        factors = name.split("-")
+        framework = factors[0]
+        server = factors[1] if len(factors) > 1 else ""
+        if framework not in APPS or server not in SERVERS:
+            raise pytest.UsageError(
+                f"pairing {name!r}: expected FRAMEWORK-SERVER with FRAMEWORK in "
+                f"{sorted(APPS)} and SERVER in {SERVERS}"
+            )
+        return cls(framework, server, "gthread" in factors[2:])
+
+    @property
+    def app_dir(self) -> Path:
+        return ROOT / "apps" / APPS[self.framework][0]
+
+    def command(self, port: int, workers: int, max_requests: int) -> list[str]:
+        target = APPS[self.framework][1]
+        bind = f"127.0.0.1:{port}"
+        if self.server == "gunicorn":
+            cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
+                   "-w", str(workers), "-b", bind]  # fmt: skip
+            if self.gthread:
+                cmd += ["-k", "gthread", "--threads", "4"]
+            if max_requests:
+                cmd += ["--max-requests", str(max_requests),
+                        "--max-requests-jitter", str(max_requests // 5)]  # fmt: skip
+        elif self.server == "hypercorn":
+            cmd = [sys.executable, "-m", "hypercorn", "-c", "hypercorn.toml",
+                   "-w", str(workers), "-b", bind]  # fmt: skip
+            if max_requests:
+                cmd += ["--max-requests", str(max_requests),
+                        "--max-requests-jitter", str(max_requests // 5)]  # fmt: skip
+        else:
+            cmd = [sys.executable, "-m", "uvicorn", "--workers", str(workers),
+                   "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+            if max_requests:
+                cmd += ["--limit-max-requests", str(max_requests)]
+        return [*cmd, target]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--pairing", default=os.environ.get("PAIRING"))
+
+
+@pytest.fixture(scope="session")
+def pairing(pytestconfig: pytest.Config) -> Pairing:
+    name = pytestconfig.getoption("pairing")
+    if not name:
+        raise pytest.UsageError("set $PAIRING or --pairing, e.g. flask-gunicorn")
+    return Pairing.parse(name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Deployment:
+    """One app server with its workers, and what it printed."""
+
+    pairing: Pairing
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+    runtime_dir: Path
+    pids_seen: set[int] = field(default_factory=set)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def explain(self, message: str) -> str:
+        """``message`` followed by what the server printed (its last 80 lines)."""
+        tail = "\n".join(self.output().splitlines()[-80:])
+        return f"{message}\n--- {self.pairing} output ---\n{tail}"
+
+    def state_servers(self) -> list[psutil.Process]:
+        """Live state-server processes started for this deployment."""
+        return state_servers(self.runtime_dir)
+
+    def stop(self, timeout: float = 20) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        # Workers left behind by a master that died: end them too.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return self.proc.returncode
+
+
+def state_servers(runtime_dir: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmd = proc.info["cmdline"] or []
+        if "shared_core" not in cmd or "serve" not in cmd:
+            continue
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            if proc.environ().get("XDG_RUNTIME_DIR") == str(runtime_dir):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def start(
+    pairing: Pairing,
+    *,
+    mode: str = "shared",
+    workers: int = WORKERS,
+    max_requests: int = 0,
+    env: dict[str, str] | None = None,
+    runtime_dir: Path | None = None,
+) -> Deployment:
+    """Start the app server and wait until it answers /healthz."""
+    port = free_port()
+    runtime_dir = runtime_dir or Path(tempfile.mkdtemp(prefix="it-"))
+    log = Path(tempfile.mkstemp(prefix=f"{pairing.framework}-{pairing.server}-", suffix=".log")[1])
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SHARED_STATE_")}
+    full_env.update(
+        XDG_RUNTIME_DIR=str(runtime_dir), COUNTER_MODE=mode, PYTHONUNBUFFERED="1"
+    )
+    full_env.update(env or {})
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            pairing.command(port, workers, max_requests),
+            cwd=pairing.app_dir,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deployment = Deployment(pairing, proc, f"http://127.0.0.1:{port}", log, runtime_dir)
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(deployment.explain(f"{pairing} exited with {proc.returncode}"))
+        try:
+            r = httpx.get(f"{deployment.url}/healthz", timeout=2)
+            if r.status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            deployment.stop()
+            raise AssertionError(deployment.explain(f"{pairing} did not answer in time"))
+        time.sleep(0.1)
+    return deployment
+
+
+@pytest.fixture
+def launch(pairing: Pairing) -> Iterator[Any]:
+    """``launch(**options)`` starts a deployment that is stopped at teardown."""
+    started: list[Deployment] = []
+
+    def _launch(**options: Any) -> Deployment:
+        deployment = start(pairing, **options)
+        started.append(deployment)
+        return deployment
+
+    yield _launch
+    for deployment in started:
+        deployment.stop()
+
+
+@pytest.fixture(scope="module")
+def deployment(pairing: Pairing) -> Iterator[Deployment]:
+    """The shared-state app with 4 workers, shared by the tests of a module."""
+    d = start(pairing)
+    yield d
+    d.stop()
+
+
+@dataclass
+class Outcome:
+    """What a load run saw: replies (status, JSON body) and transport errors."""
+
+    replies: list[tuple[int, Any]]
+    errors: list[str]
+
+    @property
+    def ok(self) -> list[dict[str, Any]]:
+        return [body for status, body in self.replies if status == 200]
+
+    @property
+    def pids(self) -> set[int]:
+        return {body["pid"] for body in self.ok if "pid" in body}
+
+
+def hammer(
+    url: str,
+    path: str,
+    total: int,
+    concurrency: int = 100,
+    method: str = "POST",
+    *,
+    resend_dropped: bool = False,
+) -> Outcome:
+    """Send ``total`` requests from ``concurrency`` clients at once.
+
+    Every request opens its own connection, as separate clients would, so
+    that the server spreads them over its workers. With ``resend_dropped``,
+    a request whose connection the server closed without any response (as
+    uvicorn and hypercorn do to queued connections of a recycling worker) is
+    sent again, up to ``total`` times in all, so that ``total`` get answers.
+    """
+
+    async def run() -> Outcome:
+        replies: list[tuple[int, Any]] = []
+        errors: list[str] = []
+        pending = [total]
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+
+            async def client_loop() -> None:
+                while pending[0] > 0:
+                    pending[0] -= 1
+                    try:
+                        r = await client.request(method, path)
+                        replies.append((r.status_code, _json(r)))
+                    except httpx.TransportError as exc:
+                        errors.append(repr(exc))
+                        if resend_dropped and len(errors) <= total:
+                            pending[0] += 1
+
+            await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        return Outcome(replies, errors)
+
+    return asyncio.run(run())
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return {"text": response.text[:200]}
+
+
+def sample(url: str, path: str, n: int) -> list[dict[str, Any]]:
+    """``n`` sequential GETs, each on a new connection (to reach many workers)."""
+    bodies = []
+    for _ in range(n):
+        r = httpx.get(url + path, headers={"Connection": "close"}, timeout=30)
+        assert r.status_code == 200, (r.status_code, r.text)
+        bodies.append(r.json())
+    return bodies
