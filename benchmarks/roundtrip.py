@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Client, Listener
 
 from shared_core import AsyncSharedState, SharedState
@@ -33,7 +34,7 @@ def _echo_server(address: str, authkey: bytes, ready: threading.Event) -> None:
                 pass
 
 
-def _p50(fn, calls: int) -> float:
+def _p50(fn: Callable[[], object], calls: int) -> float:
     samples = []
     clock = time.perf_counter_ns
     for _ in range(calls):
@@ -72,7 +73,12 @@ def main() -> None:
     while not os.path.exists(address):
         time.sleep(0.01)
     echo = Client(address, authkey=authkey)
-    request = ("store", "incr", ("bench", 1), {})
+    request: tuple[str, str, tuple[str, int], dict[str, object]] = (
+        "store",
+        "incr",
+        ("bench", 1),
+        {},
+    )
 
     def echo_call() -> None:
         echo.send(request)

@@ -7,6 +7,7 @@ The pairing comes from ``$PAIRING`` (tox sets it to the env name, e.g.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -125,18 +126,14 @@ class Deployment:
     def stop(self, timeout: float = 20) -> int | None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         # Workers left behind by a master that died: end them too.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         return self.proc.returncode
 
 
@@ -170,9 +167,7 @@ def start(
     runtime_dir = runtime_dir or Path(tempfile.mkdtemp(prefix="it-"))
     log = Path(tempfile.mkstemp(prefix=f"{pairing.framework}-{pairing.server}-", suffix=".log")[1])
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SHARED_STATE_")}
-    full_env.update(
-        XDG_RUNTIME_DIR=str(runtime_dir), COUNTER_MODE=mode, PYTHONUNBUFFERED="1"
-    )
+    full_env.update(XDG_RUNTIME_DIR=str(runtime_dir), COUNTER_MODE=mode, PYTHONUNBUFFERED="1")
     full_env.update(env or {})
     with open(log, "wb") as out:
         proc = subprocess.Popen(

@@ -46,14 +46,16 @@ def test_concurrent_increments_are_unique_and_exact(deployment: Deployment) -> N
 def test_get_increment_works_as_in_the_seeds(deployment: Deployment) -> None:
     reset(deployment, "cnt")
     r = httpx.get(f"{deployment.url}/increment", params={"key": "cnt", "by": "5"})
-    assert r.status_code == 200 and r.json()["count"] == 5
+    assert r.status_code == 200
+    assert r.json()["count"] == 5
     assert r.json()["key"] == "cnt"
 
 
 def test_reset_reaches_every_worker(deployment: Deployment) -> None:
     hammer(deployment.url, "/increment?key=r", 100, 20)
     r = httpx.get(f"{deployment.url}/reset", params={"key": "r"})
-    assert r.status_code == 200 and r.json()["count"] == 0
+    assert r.status_code == 200
+    assert r.json()["count"] == 0
     reports = sample(deployment.url, "/report?key=r", 40)
     assert {r["count"] for r in reports} == {0}
     assert len({r["pid"] for r in reports}) >= 2

@@ -14,7 +14,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,10 @@ def server_processes(app: str) -> list[psutil.Process]:
         cmd = proc.info["cmdline"] or []
         if proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
-        if "shared_core" in cmd and "serve" in cmd and any(
-            a.startswith(f"local://{app}") or f"/{app}/" in a for a in cmd
+        if (
+            "shared_core" in cmd
+            and "serve" in cmd
+            and any(a.startswith(f"local://{app}") or f"/{app}/" in a for a in cmd)
         ):
             found.append(proc)
     return found
@@ -127,10 +129,8 @@ def state(request: pytest.FixtureRequest, url: str) -> Iterator[Any]:
 
 def kill_and_wait(procs: list[psutil.Process]) -> None:
     for proc in procs:
-        try:
+        with suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
     # psutil.wait_procs polls non-children slowly; a tight loop is much faster.
     wait_for(lambda: not pids_alive([p.pid for p in procs]), 5, f"{procs} to die")
 

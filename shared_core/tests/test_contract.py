@@ -134,7 +134,8 @@ def test_unpicklable_value_raises_type_error_and_changes_nothing(state: Any) -> 
 
 def test_secret_is_made_once_and_kept_apart_from_keys(state: Any) -> None:
     first = state.secret("SECRET_KEY")
-    assert len(first) == 64 and int(first, 16) >= 0
+    assert len(first) == 64
+    assert int(first, 16) >= 0
     assert state.secret("SECRET_KEY") == first
     assert state.secret("OTHER") != first
     assert len(state.secret("SHORT", 16)) == 32
@@ -160,10 +161,9 @@ def test_mutate_changes_nested_values(state: Any) -> None:
 
 def test_mutate_writes_nothing_when_the_block_raises(state: Any) -> None:
     state.set("cfg", {"a": 1})
-    with pytest.raises(KeyError):
-        with state.mutate("cfg", {}) as cfg:
-            cfg["a"] = 2
-            raise KeyError("boom")
+    with pytest.raises(KeyError), state.mutate("cfg", {}) as cfg:
+        cfg["a"] = 2
+        raise KeyError("boom")
     assert state.get("cfg") == {"a": 1}
     # The key is free again.
     with state.mutate("cfg", {}, timeout=1) as cfg:
@@ -181,9 +181,8 @@ def test_lock_is_exclusive_and_times_out(state: Any, url: str) -> None:
     other = SharedState(url)
     try:
         with state.lock("L", timeout=1):
-            with pytest.raises(LockTimeout):
-                with other.lock("L", timeout=0.2):
-                    pass
+            with pytest.raises(LockTimeout), other.lock("L", timeout=0.2):
+                pass
             with other.lock("M", timeout=0.2):
                 pass
         with other.lock("L", timeout=1):
@@ -193,9 +192,8 @@ def test_lock_is_exclusive_and_times_out(state: Any, url: str) -> None:
 
 
 def test_lock_is_released_when_the_block_raises(state: Any) -> None:
-    with pytest.raises(ZeroDivisionError):
-        with state.lock("L"):
-            1 / 0
+    with pytest.raises(ZeroDivisionError), state.lock("L"):
+        1 / 0
     with state.lock("L", timeout=0):
         pass
 
@@ -203,19 +201,20 @@ def test_lock_is_released_when_the_block_raises(state: Any) -> None:
 def test_mutate_waits_for_a_concurrent_mutate(state: Any, url: str) -> None:
     other = SharedState(url)
     try:
-        with state.mutate("k", 0):
-            with pytest.raises(LockTimeout):
-                with other.mutate("k", 0, timeout=0.2):
-                    pass
+        with (
+            state.mutate("k", 0),
+            pytest.raises(LockTimeout),
+            other.mutate("k", 0, timeout=0.2),
+        ):
+            pass
     finally:
         other.close()
 
 
 @pytest.mark.parametrize("timeout", [-1, "1", True])
 def test_lock_timeout_is_checked(state: Any, timeout: object) -> None:
-    with pytest.raises((TypeError, ValueError)):
-        with state.lock("L", timeout=timeout):
-            pass
+    with pytest.raises((TypeError, ValueError)), state.lock("L", timeout=timeout):
+        pass
 
 
 def test_info_reports_the_server(state: Any) -> None:

@@ -19,7 +19,7 @@ from shared_core import SharedState, StateUnavailable
 
 
 @pytest.fixture
-def serve(runtime_dir: Path) -> Iterator[tuple[str, "list[subprocess.Popen[bytes]]"]]:
+def serve(runtime_dir: Path) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
     """An explicit ``shared-core serve`` on a Unix socket: (url, [process])."""
     sock_dir = runtime_dir / "explicit"
     url = f"unix://{sock_dir}/state.sock?connect_timeout=1"
@@ -30,7 +30,7 @@ def serve(runtime_dir: Path) -> Iterator[tuple[str, "list[subprocess.Popen[bytes
         proc.wait()
 
 
-def start_serve(url: str, procs: "list[subprocess.Popen[bytes]]") -> "subprocess.Popen[bytes]":
+def start_serve(url: str, procs: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([sys.executable, "-m", "shared_core", "serve", "--url", url])
     procs.append(proc)
     wait_for(lambda: _answers(url) or proc.poll() is not None, 15, "serve to answer")
@@ -85,7 +85,8 @@ def test_server_outlives_workers_and_leaves_with_their_master(app: str) -> None:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
-    assert master.stdout is not None and master.stdin is not None
+    assert master.stdout is not None
+    assert master.stdin is not None
     server_pid = int(master.stdout.readline())
     (worker,) = psutil.Process(master.pid).children()
     worker.kill()  # the only client dies; the master lives
@@ -113,7 +114,7 @@ def test_a_sigkilled_local_server_is_replaced_on_the_next_call(app: str) -> None
 
 
 def test_explicit_server_gone_raises_then_recovers(
-    serve: tuple[str, "list[subprocess.Popen[bytes]]"],
+    serve: tuple[str, list[subprocess.Popen[bytes]]],
 ) -> None:
     url, procs = serve
     server = start_serve(url, procs)
@@ -132,7 +133,7 @@ def test_explicit_server_gone_raises_then_recovers(
 
 
 def test_explicit_server_does_not_exit_when_idle(
-    serve: tuple[str, "list[subprocess.Popen[bytes]]"],
+    serve: tuple[str, list[subprocess.Popen[bytes]]],
 ) -> None:
     url, procs = serve
     server = start_serve(url, procs)
@@ -159,7 +160,7 @@ def test_run_launcher_serves_the_command_and_stops_with_it(app: str, runtime_dir
 
 
 def test_info_command_prints_the_server_report(
-    serve: tuple[str, "list[subprocess.Popen[bytes]]"],
+    serve: tuple[str, list[subprocess.Popen[bytes]]],
 ) -> None:
     url, procs = serve
     server = start_serve(url, procs)

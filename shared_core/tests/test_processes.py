@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import server_processes, wait_for
+from conftest import server_processes
 from shared_core import AsyncSharedState, SharedState
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -91,15 +91,14 @@ def test_16_spawned_processes_starting_at_once_make_one_server(app: str, url: st
     assert SharedState(url).get("started") == 16
 
 
-def test_state_survives_sigkill_of_the_process_that_started_the_server(
-    app: str, url: str
-) -> None:
+def test_state_survives_sigkill_of_the_process_that_started_the_server(app: str, url: str) -> None:
     done = SPAWN.Event()
     starter = SPAWN.Process(target=_set_and_die, args=(url, done))
     starter.start()
     assert done.wait(30)
     server = server_processes(app)
     assert len(server) == 1
+    assert starter.pid is not None
     os.kill(starter.pid, signal.SIGKILL)
     starter.join(10)
     state = SharedState(url)
@@ -113,9 +112,9 @@ def test_sigkilled_lock_holder_releases_the_lock_within_1s(url: str) -> None:
     holder.start()
     assert held.wait(30)
     state = SharedState(url)
-    with pytest.raises(TimeoutError):
-        with state.lock("L", timeout=0.1):
-            pass
+    with pytest.raises(TimeoutError), state.lock("L", timeout=0.1):
+        pass
+    assert holder.pid is not None
     os.kill(holder.pid, signal.SIGKILL)
     killed = time.monotonic()
     with state.lock("L", timeout=5):

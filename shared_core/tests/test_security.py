@@ -78,7 +78,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serve(*args: str, env: dict[str, str]) -> "subprocess.Popen[str]":
+def _serve(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "shared_core", "serve", *args],
         env=env,
@@ -92,13 +92,15 @@ def test_tcp_beyond_loopback_needs_the_opt_in(runtime_dir: Path) -> None:
     refused = _serve("--url", f"tcp://0.0.0.0:{_free_port()}", env=env)
     _, err = refused.communicate(timeout=30)
     assert refused.returncode != 0
-    assert "allow_remote" in err and "refusing to bind 0.0.0.0" in err
+    assert "allow_remote" in err
+    assert "refusing to bind 0.0.0.0" in err
 
     allowed = _serve("--url", f"tcp://0.0.0.0:{_free_port()}", "--allow-remote", env=env)
     try:
         assert allowed.stderr is not None
         line = allowed.stderr.readline()
-        assert "beyond loopback" in line and "unpickles" in line
+        assert "beyond loopback" in line
+        assert "unpickles" in line
     finally:
         allowed.kill()
         allowed.communicate()
@@ -144,9 +146,7 @@ def test_bad_urls_are_config_errors(runtime_dir: Path, bad: str) -> None:
         SharedState(bad)
 
 
-def test_url_comes_from_the_environment(
-    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_url_comes_from_the_environment(runtime_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHARED_STATE_URL", "local://from-env")
     assert SharedState(app="ignored").url == "local://from-env"
     monkeypatch.delenv("SHARED_STATE_URL")

@@ -61,7 +61,9 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
     mode = settings.mode
 
     @app.api_route("/increment", methods=["GET", "POST"])
-    async def increment(counters: CountersDep, key: KeyParam = "counter", by: ByParam = 1) -> dict[str, Any]:
+    async def increment(
+        counters: CountersDep, key: KeyParam = "counter", by: ByParam = 1
+    ) -> dict[str, Any]:
         return {"count": await counters.incr(key, by), "key": key, "pid": os.getpid()}
 
     @app.get("/report")
@@ -119,9 +121,7 @@ def register_errors(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()
-        ]
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         message = "; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in errors)
         return JSONResponse({"error": message, "detail": errors}, 422)
 

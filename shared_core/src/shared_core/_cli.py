@@ -119,9 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.set_defaults(func=_info)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(message)s")
     try:
         return int(args.func(args))
     except StateError as exc:

@@ -16,6 +16,7 @@ clients), ``connect_timeout``, ``op_timeout`` and ``allow_remote`` (server only)
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -80,9 +81,7 @@ class Config:
             return env.encode()
         path = self.authkey_file
         if path is None:
-            raise ConfigError(
-                f"{self.url}: a TCP server needs {ENV_AUTHKEY} or {ENV_AUTHKEY_FILE}"
-            )
+            raise ConfigError(f"{self.url}: a TCP server needs {ENV_AUTHKEY} or {ENV_AUTHKEY_FILE}")
         check_private_file(path)
         key = path.read_bytes().strip()
         if not key:
@@ -120,10 +119,8 @@ def base_dir() -> Path:
 
 def ensure_private_dir(path: Path) -> Path:
     """Create ``path`` (mode 0700) or check that an existing one is private to us."""
-    try:
+    with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{path} is not a directory (a symlink is refused)")
@@ -204,8 +201,7 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         address, state_dir = (host, port), None
     else:
         raise ConfigError(
-            f"unsupported state URL {url!r}: "
-            "use local://APP, unix:///PATH or tcp://HOST:PORT"
+            f"unsupported state URL {url!r}: use local://APP, unix:///PATH or tcp://HOST:PORT"
         )
     if isinstance(address, str) and len(os.fsencode(address)) > _MAX_SOCKET_PATH:
         raise ConfigError(f"socket path {address} is too long for a Unix socket")

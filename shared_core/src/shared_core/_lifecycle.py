@@ -23,12 +23,17 @@ from multiprocessing.connection import Client, Connection
 from pathlib import Path
 
 from ._config import LOG_NAME, Config, base_dir, ensure_private_dir
-from ._errors import ConfigError, StateUnavailable
+from ._errors import StateUnavailable
 from ._server import start_lock
 
 # The manager protocol's request that turns a fresh connection into one
 # that serves method calls on shared objects.
-_HANDSHAKE = (None, "accept_connection", ("shared_core",), {})
+_HANDSHAKE: tuple[None, str, tuple[str], dict[str, object]] = (
+    None,
+    "accept_connection",
+    ("shared_core",),
+    {},
+)
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -65,9 +70,7 @@ def connect(config: Config) -> Connection:
                 return _join_or_start(config, deadline)
             return open_connection(config)
         except AuthenticationError:
-            raise StateUnavailable(
-                f"{config.url}: the state server rejected our authkey"
-            ) from None
+            raise StateUnavailable(f"{config.url}: the state server rejected our authkey") from None
         except (OSError, EOFError) as exc:
             if time.monotonic() + delay > deadline:
                 raise StateUnavailable(
@@ -104,9 +107,7 @@ def start_server(config: Config, deadline: float) -> int:
     log_path = config.state_dir / LOG_NAME
     env = dict(os.environ)
     # The server must import this very package, wherever it came from.
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
     cmd = [
         sys.executable, "-m", "shared_core", "serve",
         "--url", config.url,
@@ -141,8 +142,7 @@ def start_server(config: Config, deadline: float) -> int:
             line += chunk
     if not line.startswith(b"READY "):
         raise StateUnavailable(
-            f"the state server did not start; its log {log_path} says:\n"
-            + _tail(log_path)
+            f"the state server did not start; its log {log_path} says:\n" + _tail(log_path)
         )
     return int(line.split()[1])
 
@@ -152,6 +152,3 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError as exc:
         return f"(unreadable: {exc})"
-
-
-__all__ = ["ConfigError", "connect", "open_connection", "start_server"]

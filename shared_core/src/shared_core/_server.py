@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing import managers
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 from ._config import START_LOCK_NAME, Config, ensure_private_dir, is_loopback
@@ -56,7 +55,7 @@ class Store:
     )  # fmt: skip
 
     def __init__(self) -> None:
-        self._data: dict[str, Any] = {}
+        self._data: dict[str, Value] = {}
         self._secrets: dict[str, str] = {}
         self._mutex = threading.Lock()
         self._lock_cond = threading.Condition(threading.Lock())
@@ -196,7 +195,7 @@ class Store:
 
 def _shown(name: str) -> str:
     if name.startswith(MUTATE_PREFIX):
-        return f"for mutate({name[len(MUTATE_PREFIX):]!r})"
+        return f"for mutate({name[len(MUTATE_PREFIX) :]!r})"
     return repr(name)
 
 
@@ -207,12 +206,13 @@ class StateServer(managers.Server):
         super().__init__({}, address, authkey, "pickle")
         self.store = store
         self.stop_event = threading.Event()  # serve_forever() would make it
-        self.id_to_obj[STORE_ID] = (store, store.exposed, None)
+        self.id_to_obj[STORE_ID] = (store, store.exposed, None)  # type: ignore[assignment]
         self.inode: int | None = None
         if isinstance(address, str):
             self.inode = os.stat(address).st_ino
             # We unlink the socket ourselves, and only while it is still ours.
-            unlink = getattr(getattr(self.listener, "_listener", None), "_unlink", None)
+            listener = getattr(self, "listener", None)
+            unlink = getattr(getattr(listener, "_listener", None), "_unlink", None)
             if unlink is not None:
                 unlink.cancel()
 
@@ -225,7 +225,7 @@ class StateServer(managers.Server):
                     os.unlink(address)
             except FileNotFoundError:
                 pass
-        self.listener.close()
+        self.listener.close()  # type: ignore[attr-defined]
 
     def serve_client(self, conn: Connection) -> None:
         self.store.connected(conn)
@@ -381,4 +381,3 @@ def _shown_address(config: Config) -> str:
     if isinstance(config.address, str):
         return f"unix:{config.address}"
     return f"tcp:{config.address[0]}:{config.address[1]}"
-

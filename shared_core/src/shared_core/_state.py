@@ -29,7 +29,7 @@ def encode(value: object) -> int | bytes:
 def decode(raw: int | bytes | None, default: Any = None) -> Any:
     if raw is None:
         return default
-    if type(raw) is int:
+    if isinstance(raw, int):
         return raw
     return pickle.loads(raw)  # noqa: S301 - bytes this package pickled
 
@@ -58,9 +58,7 @@ def check_timeout(timeout: object) -> float | None:
 
 def check_nbytes(nbytes: object) -> int:
     if type(nbytes) is not int or not MIN_SECRET_BYTES <= nbytes <= MAX_SECRET_BYTES:
-        raise ValueError(
-            f"nbytes must be an int from {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES}"
-        )
+        raise ValueError(f"nbytes must be an int from {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES}")
     return nbytes
 
 
