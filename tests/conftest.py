@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -155,17 +154,22 @@ def state_servers(runtime_dir: Path) -> list[psutil.Process]:
 
 def start(
     pairing: Pairing,
+    workdir: Path,
     *,
     mode: str = "shared",
     workers: int = WORKERS,
     max_requests: int = 0,
     env: dict[str, str] | None = None,
-    runtime_dir: Path | None = None,
 ) -> Deployment:
-    """Start the app server and wait until it answers /healthz."""
+    """Start the app server and wait until it answers /healthz.
+
+    ``workdir`` holds its output and its own ``XDG_RUNTIME_DIR``, so that
+    every deployment has its own embedded state server.
+    """
     port = free_port()
-    runtime_dir = runtime_dir or Path(tempfile.mkdtemp(prefix="it-"))
-    log = Path(tempfile.mkstemp(prefix=f"{pairing.framework}-{pairing.server}-", suffix=".log")[1])
+    runtime_dir = workdir / "run"
+    runtime_dir.mkdir(mode=0o700)
+    log = workdir / "server.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SHARED_STATE_")}
     full_env.update(XDG_RUNTIME_DIR=str(runtime_dir), COUNTER_MODE=mode, PYTHONUNBUFFERED="1")
     full_env.update(env or {})
@@ -197,12 +201,12 @@ def start(
 
 
 @pytest.fixture
-def launch(pairing: Pairing) -> Iterator[Any]:
+def launch(pairing: Pairing, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """``launch(**options)`` starts a deployment that is stopped at teardown."""
     started: list[Deployment] = []
 
     def _launch(**options: Any) -> Deployment:
-        deployment = start(pairing, **options)
+        deployment = start(pairing, tmp_path_factory.mktemp("app"), **options)
         started.append(deployment)
         return deployment
 
@@ -212,9 +216,9 @@ def launch(pairing: Pairing) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def deployment(pairing: Pairing) -> Iterator[Deployment]:
+def deployment(pairing: Pairing, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """The shared-state app with 4 workers, shared by the tests of a module."""
-    d = start(pairing)
+    d = start(pairing, tmp_path_factory.mktemp("app"))
     yield d
     d.stop()
 
