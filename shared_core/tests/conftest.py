@@ -10,6 +10,7 @@ import asyncio
 import inspect
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 import uuid
@@ -72,9 +73,61 @@ def app(runtime_dir: Path) -> Iterator[str]:
     kill_and_wait(server_processes(name))
 
 
+def start_redis(workdir: Path) -> subprocess.Popen[bytes]:
+    """A real redis-server on ``workdir/redis.sock``, once it answers."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (Debian: apt-get install redis-server)")
+    sock = workdir / "redis.sock"
+    proc = subprocess.Popen(
+        [binary, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+         "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_for(lambda: sock.exists() or proc.poll() is not None, 20, "redis-server")
+    assert proc.poll() is None, "redis-server exited"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def redis_socket() -> Iterator[str]:
+    """A redis-server on a private Unix socket, for the whole session."""
+    # Short, so that the socket path stays under the 107-byte limit.
+    workdir = Path(tempfile.mkdtemp(prefix="redis-"))
+    proc = start_redis(workdir)
+    try:
+        yield str(workdir / "redis.sock")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def redis_url(sock: str, app: str, **query: object) -> str:
+    params = "".join(f"&{k}={v}" for k, v in query.items())
+    return f"redis+unix://{sock}?app={app}{params}"
+
+
+LOCK_LEASE = 2  # seconds, for the Redis engine in these tests
+
+
 @pytest.fixture
-def url(app: str) -> str:
+def manager_url(app: str) -> str:
+    """A URL of the embedded manager engine, for tests of its own lifecycle."""
     return f"local://{app}?linger=1"
+
+
+@pytest.fixture(params=["manager", "redis"])
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def url(engine: str, app: str, request: pytest.FixtureRequest) -> str:
+    """A URL of each engine in turn: the contract is the same on both."""
+    if engine == "manager":
+        return f"local://{app}?linger=1"
+    return redis_url(request.getfixturevalue("redis_socket"), app, lock_lease=LOCK_LEASE)
 
 
 class AsyncAdapter:

@@ -21,8 +21,8 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 
-def test_directory_socket_and_key_are_private(app: str, url: str) -> None:
-    SharedState(url).incr("n")
+def test_directory_socket_and_key_are_private(app: str, manager_url: str) -> None:
+    SharedState(manager_url).incr("n")
     state_dir = base_dir() / app
     assert _mode(base_dir()) == 0o700
     assert _mode(state_dir) == 0o700
@@ -32,7 +32,10 @@ def test_directory_socket_and_key_are_private(app: str, url: str) -> None:
     assert _mode(state_dir / "server.log") == 0o600
 
 
-def test_wrong_authkey_is_refused(app: str, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_authkey_is_refused(
+    app: str, manager_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = manager_url
     state = SharedState(url)
     state.set("k", "v")
     sock = str(base_dir() / app / "state.sock")
@@ -44,7 +47,8 @@ def test_wrong_authkey_is_refused(app: str, url: str, monkeypatch: pytest.Monkey
     assert state.get("k") == "v"
 
 
-def test_a_shared_directory_is_refused(runtime_dir: Path, app: str, url: str) -> None:
+def test_a_shared_directory_is_refused(runtime_dir: Path, app: str, manager_url: str) -> None:
+    url = manager_url
     os.mkdir(base_dir(), 0o700)
     os.mkdir(base_dir() / app)
     os.chmod(base_dir() / app, 0o755)
@@ -52,7 +56,8 @@ def test_a_shared_directory_is_refused(runtime_dir: Path, app: str, url: str) ->
         SharedState(url).get("k")
 
 
-def test_a_symlinked_directory_is_refused(runtime_dir: Path, app: str, url: str) -> None:
+def test_a_symlinked_directory_is_refused(runtime_dir: Path, app: str, manager_url: str) -> None:
+    url = manager_url
     os.mkdir(base_dir(), 0o700)
     target = runtime_dir / "elsewhere"
     os.mkdir(target, 0o700)
@@ -62,8 +67,9 @@ def test_a_symlinked_directory_is_refused(runtime_dir: Path, app: str, url: str)
 
 
 def test_a_readable_key_file_is_refused(
-    runtime_dir: Path, url: str, monkeypatch: pytest.MonkeyPatch
+    runtime_dir: Path, manager_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    url = manager_url
     key = runtime_dir / "key"
     key.write_text("k" * 32)
     os.chmod(key, 0o644)
@@ -129,8 +135,8 @@ def test_tcp_without_a_key_is_a_config_error(runtime_dir: Path) -> None:
         SharedState(f"tcp://127.0.0.1:{_free_port()}").get("k")
 
 
-def test_the_generated_key_never_reaches_the_log(app: str, url: str) -> None:
-    SharedState(url).incr("n")
+def test_the_generated_key_never_reaches_the_log(app: str, manager_url: str) -> None:
+    SharedState(manager_url).incr("n")
     key = (base_dir() / app / "authkey").read_text()
     assert len(key) == 64
     assert key not in (base_dir() / app / "server.log").read_text()

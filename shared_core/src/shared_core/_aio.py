@@ -8,9 +8,9 @@ from types import TracebackType
 from typing import Any
 
 from ._config import Config, resolve
+from ._engines import async_engine
 from ._errors import LockTimeout
-from ._manager import AsyncManagerEngine
-from ._state import check_amount, check_key, check_nbytes, check_timeout, decode, encode
+from ._state import check_amount, check_key, check_nbytes, check_timeout
 
 
 class AsyncSharedState:
@@ -28,7 +28,8 @@ class AsyncSharedState:
 
     def __init__(self, url: str | None = None, *, app: str | None = None) -> None:
         self._config: Config = resolve(url, app)
-        self._engine = AsyncManagerEngine(self._config)
+        self._engine = async_engine(self._config)
+        self._codec = self._engine.codec
 
     @property
     def url(self) -> str:
@@ -37,11 +38,11 @@ class AsyncSharedState:
 
     async def get(self, key: str, default: Any = None) -> Any:
         """Return a copy of the value of ``key``, or ``default``."""
-        return decode(await self._engine.call("get", check_key(key)), default)
+        return self._codec.decode(await self._engine.call("get", check_key(key)), default)
 
     async def set(self, key: str, value: Any) -> None:
         """Store ``value`` under ``key``; TypeError if it cannot be pickled."""
-        await self._engine.call("set", check_key(key), encode(value))
+        await self._engine.call("set", check_key(key), self._codec.encode(value))
 
     async def delete(self, key: str) -> bool:
         """Remove ``key``; return whether it existed."""
@@ -53,7 +54,9 @@ class AsyncSharedState:
 
     async def setdefault(self, key: str, value: Any) -> Any:
         """Store ``value`` unless ``key`` exists; return the stored value."""
-        return decode(await self._engine.call("setdefault", check_key(key), encode(value)))
+        return self._codec.decode(
+            await self._engine.call("setdefault", check_key(key), self._codec.encode(value))
+        )
 
     async def keys(self, prefix: str = "") -> list[str]:
         """Return the sorted keys that start with ``prefix``."""
@@ -86,9 +89,9 @@ class AsyncSharedState:
         """Read-modify-write the whole value of ``key``, atomically (see ``SharedState``)."""
         handle, raw = await self._engine.mutate_begin(check_key(key), check_timeout(timeout))
         try:
-            value = decode(raw, default)
+            value = self._codec.decode(raw, default)
             yield value
-            data = encode(value)
+            data = self._codec.encode(value)
         except BaseException:
             await self._engine.mutate_end(handle, key, None, False)
             raise

@@ -9,9 +9,14 @@ One URL selects everything. The forms are:
     A server started explicitly (``shared-core serve``) on that socket.
 ``tcp://HOST:PORT``
     A server started explicitly on TCP; loopback only unless the server opts in.
+``redis://HOST:PORT/DB``, ``rediss://...``, ``redis+unix:///path/redis.sock``
+    The Redis engine (needs the ``redis`` extra); keys live under
+    ``shared_core:APP:``.
 
 Query parameters: ``linger`` (seconds an auto-started server stays without
-clients), ``connect_timeout``, ``op_timeout`` and ``allow_remote`` (server only).
+clients), ``connect_timeout``, ``op_timeout``, ``allow_remote`` (server only);
+for Redis also ``app``, ``serializer`` (``json`` or ``pickle``) and
+``lock_lease``. Other query parameters of a Redis URL go to redis-py.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from ._errors import ConfigError
 
@@ -37,6 +42,17 @@ DEFAULT_APP = "default"
 DEFAULT_LINGER = 10.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_OP_TIMEOUT = 30.0
+DEFAULT_LOCK_LEASE = 30.0
+REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
+_OURS = {
+    "linger",
+    "connect_timeout",
+    "op_timeout",
+    "allow_remote",
+    "app",
+    "serializer",
+    "lock_lease",
+}
 
 SOCKET_NAME = "state.sock"
 AUTHKEY_NAME = "authkey"
@@ -53,14 +69,21 @@ class Config:
     """Everything a client or a server needs to know, resolved from one URL."""
 
     url: str
-    scheme: str  # "local", "unix" or "tcp"
-    address: str | tuple[str, int]
+    scheme: str  # "local", "unix", "tcp", or one of REDIS_SCHEMES
+    address: str | tuple[str, int]  # for Redis: the URL handed to redis-py
     state_dir: Path | None  # private directory of a local or unix server
     autostart: bool
     linger: float
     connect_timeout: float
     op_timeout: float | None
     allow_remote: bool
+    app: str = DEFAULT_APP
+    serializer: str = "json"  # Redis only: "json", or "pickle" by opt-in
+    lock_lease: float = DEFAULT_LOCK_LEASE  # Redis only
+
+    @property
+    def is_redis(self) -> bool:
+        return self.scheme in REDIS_SCHEMES
 
     @property
     def family(self) -> str:
@@ -180,13 +203,16 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
     if op_timeout == 0:
         op_timeout = None
     allow_remote = query.get("allow_remote", ["0"])[-1].lower() in ("1", "true", "yes")
+    lock_lease = _float(query, "lock_lease", DEFAULT_LOCK_LEASE)
+    serializer = query.get("serializer", ["json"])[-1]
+    if serializer not in ("json", "pickle"):
+        raise ConfigError(f"serializer={serializer!r}: use json or pickle")
     scheme = parts.scheme
     address: str | tuple[str, int]
-    state_dir: Path | None
+    state_dir: Path | None = None
+    name = app or DEFAULT_APP
     if scheme == "local":
-        name = parts.netloc or parts.path.strip("/") or app or DEFAULT_APP
-        if not _APP_RE.match(name):
-            raise ConfigError(f"app name {name!r} must match {_APP_RE.pattern}")
+        name = parts.netloc or parts.path.strip("/") or name
         state_dir = base_dir() / name
         address = str(state_dir / SOCKET_NAME)
     elif scheme == "unix":
@@ -198,12 +224,23 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         host, port = parts.hostname, parts.port
         if not host or port is None:
             raise ConfigError(f"{url}: a tcp URL needs a host and a port")
-        address, state_dir = (host, port), None
+        address = (host, port)
+    elif scheme in REDIS_SCHEMES:
+        name = query.get("app", [name])[-1]
+        # redis-py spells a Unix socket unix://; ours is the manager's.
+        rest = [(k, v) for k, vs in query.items() if k not in _OURS for v in vs]
+        if scheme == "redis+unix":
+            address = f"unix://{parts.path}" + (f"?{urlencode(rest)}" if rest else "")
+        else:
+            address = urlunsplit((scheme, parts.netloc, parts.path, urlencode(rest), ""))
     else:
         raise ConfigError(
-            f"unsupported state URL {url!r}: use local://APP, unix:///PATH or tcp://HOST:PORT"
+            f"unsupported state URL {url!r}: use local://APP, unix:///PATH, "
+            "tcp://HOST:PORT, redis://HOST:PORT, rediss://... or redis+unix:///PATH"
         )
-    if isinstance(address, str) and len(os.fsencode(address)) > _MAX_SOCKET_PATH:
+    if not _APP_RE.match(name):
+        raise ConfigError(f"app name {name!r} must match {_APP_RE.pattern}")
+    if scheme in ("local", "unix") and len(os.fsencode(str(address))) > _MAX_SOCKET_PATH:
         raise ConfigError(f"socket path {address} is too long for a Unix socket")
     return Config(
         url=url,
@@ -215,4 +252,7 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         connect_timeout=connect_timeout,
         op_timeout=op_timeout,
         allow_remote=allow_remote,
+        app=name,
+        serializer=serializer,
+        lock_lease=lock_lease,
     )

@@ -25,6 +25,7 @@ from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ._codec import PickleCodec
 from ._config import Config
 from ._errors import StateError, StateUnavailable
 from ._lifecycle import connect
@@ -52,6 +53,8 @@ def _lock_wait(timeout: float | None, op_timeout: float | None) -> float | None:
 
 class ManagerEngine:
     """Sync client; safe to share between threads and across fork."""
+
+    codec = PickleCodec()
 
     def __init__(self, config: Config) -> None:
         self._config = config
@@ -261,6 +264,7 @@ class AsyncManagerEngine:
     """Async client; never blocks the event loop (connecting runs in a thread)."""
 
     _SPARE = 8
+    codec = PickleCodec()
 
     def __init__(self, config: Config) -> None:
         self._config = config

@@ -184,6 +184,7 @@ class Store:
         with self._mutex:
             keys = len(self._data)
         return {
+            "engine": "manager",
             "pid": os.getpid(),
             "clients": self.clients,
             "keys": keys,

@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
 from ._config import Config, resolve
+from ._engines import sync_engine
 from ._errors import LockTimeout
-from ._manager import ManagerEngine
 
 MIN_SECRET_BYTES = 16
 MAX_SECRET_BYTES = 1024
-
-
-def encode(value: object) -> int | bytes:
-    """Ints travel as themselves (``incr`` adds to them); the rest pickled."""
-    if type(value) is int:
-        return value
-    try:
-        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        raise TypeError(f"cannot store a {type(value).__name__}: {exc}") from exc
-
-
-def decode(raw: int | bytes | None, default: Any = None) -> Any:
-    if raw is None:
-        return default
-    if isinstance(raw, int):
-        return raw
-    return pickle.loads(raw)  # noqa: S301 - bytes this package pickled
 
 
 def check_key(key: object) -> str:
@@ -79,7 +60,8 @@ class SharedState:
 
     def __init__(self, url: str | None = None, *, app: str | None = None) -> None:
         self._config: Config = resolve(url, app)
-        self._engine = ManagerEngine(self._config)
+        self._engine = sync_engine(self._config)
+        self._codec = self._engine.codec
 
     @property
     def url(self) -> str:
@@ -88,11 +70,11 @@ class SharedState:
 
     def get(self, key: str, default: Any = None) -> Any:
         """Return a copy of the value of ``key``, or ``default``."""
-        return decode(self._engine.call("get", check_key(key)), default)
+        return self._codec.decode(self._engine.call("get", check_key(key)), default)
 
     def set(self, key: str, value: Any) -> None:
         """Store ``value`` under ``key``; TypeError if it cannot be pickled."""
-        self._engine.call("set", check_key(key), encode(value))
+        self._engine.call("set", check_key(key), self._codec.encode(value))
 
     def delete(self, key: str) -> bool:
         """Remove ``key``; return whether it existed."""
@@ -104,7 +86,9 @@ class SharedState:
 
     def setdefault(self, key: str, value: Any) -> Any:
         """Store ``value`` unless ``key`` exists; return the stored value."""
-        return decode(self._engine.call("setdefault", check_key(key), encode(value)))
+        return self._codec.decode(
+            self._engine.call("setdefault", check_key(key), self._codec.encode(value))
+        )
 
     def keys(self, prefix: str = "") -> list[str]:
         """Return the sorted keys that start with ``prefix``."""
@@ -149,9 +133,9 @@ class SharedState:
         """
         handle, raw = self._engine.mutate_begin(check_key(key), check_timeout(timeout))
         try:
-            value = decode(raw, default)
+            value = self._codec.decode(raw, default)
             yield value
-            data = encode(value)
+            data = self._codec.encode(value)
         except BaseException:
             self._engine.mutate_end(handle, key, None, False)
             raise
