@@ -1,7 +1,9 @@
 """Real app servers, started as real processes, for every framework × server.
 
 The pairing comes from ``$PAIRING`` (tox sets it to the env name, e.g.
-``quart-hypercorn``) or ``--pairing``: ``FRAMEWORK-SERVER[-gthread]``.
+``quart-hypercorn``) or ``--pairing``: ``FRAMEWORK-SERVER[-gthread][-redis]``.
+With ``-redis`` the apps use the Redis engine on a real redis-server that the
+tests start; otherwise the embedded default.
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +27,8 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+
+from shared_core.testing import RedisServer, redis_server, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = {
@@ -39,6 +46,7 @@ class Pairing:
     framework: str
     server: str
     gthread: bool = False
+    redis: bool = False
 
     @classmethod
     def parse(cls, name: str) -> Pairing:
@@ -50,7 +58,10 @@ class Pairing:
                 f"pairing {name!r}: expected FRAMEWORK-SERVER with FRAMEWORK in "
                 f"{sorted(APPS)} and SERVER in {SERVERS}"
             )
-        return cls(framework, server, "gthread" in factors[2:])
+        extra = set(factors[2:])
+        if extra - {"gthread", "redis"}:
+            raise pytest.UsageError(f"pairing {name!r}: unknown factors {extra}")
+        return cls(framework, server, "gthread" in extra, "redis" in extra)
 
     @property
     def app_dir(self) -> Path:
@@ -156,28 +167,30 @@ def start(
     pairing: Pairing,
     workdir: Path,
     *,
+    state_url: str | None = None,
     mode: str = "shared",
     workers: int = WORKERS,
     max_requests: int = 0,
-    env: dict[str, str] | None = None,
 ) -> Deployment:
     """Start the app server and wait until it answers /healthz.
 
     ``workdir`` holds its output and its own ``XDG_RUNTIME_DIR``, so that
-    every deployment has its own embedded state server.
+    every deployment has its own embedded state server unless ``state_url``
+    names another.
     """
     port = free_port()
     runtime_dir = workdir / "run"
     runtime_dir.mkdir(mode=0o700)
     log = workdir / "server.log"
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SHARED_STATE_")}
-    full_env.update(XDG_RUNTIME_DIR=str(runtime_dir), COUNTER_MODE=mode, PYTHONUNBUFFERED="1")
-    full_env.update(env or {})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARED_STATE_")}
+    env.update(XDG_RUNTIME_DIR=str(runtime_dir), COUNTER_MODE=mode, PYTHONUNBUFFERED="1")
+    if state_url:
+        env["SHARED_STATE_URL"] = state_url
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             pairing.command(port, workers, max_requests),
             cwd=pairing.app_dir,
-            env=full_env,
+            env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -200,12 +213,37 @@ def start(
     return deployment
 
 
+@pytest.fixture(scope="session")
+def redis_socket(pairing: Pairing) -> Iterator[Path | None]:
+    """The redis-server of a ``-redis`` pairing (None for the others)."""
+    if not pairing.redis:
+        yield None
+        return
+    # Short, so that the socket path stays under the 107-byte limit.
+    workdir = Path(tempfile.mkdtemp(prefix="redis-"))
+    try:
+        with redis_server(workdir) as sock:
+            yield sock
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def default_state_url(redis_socket: Path | None) -> str | None:
+    """A fresh namespace in the pairing's Redis, or None for the embedded default."""
+    if redis_socket is None:
+        return None
+    return f"redis+unix://{redis_socket}?app=it{uuid.uuid4().hex[:8]}"
+
+
 @pytest.fixture
-def launch(pairing: Pairing, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def launch(
+    pairing: Pairing, redis_socket: Path | None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
     """``launch(**options)`` starts a deployment that is stopped at teardown."""
     started: list[Deployment] = []
 
     def _launch(**options: Any) -> Deployment:
+        options.setdefault("state_url", default_state_url(redis_socket))
         deployment = start(pairing, tmp_path_factory.mktemp("app"), **options)
         started.append(deployment)
         return deployment
@@ -216,11 +254,59 @@ def launch(pairing: Pairing, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def deployment(pairing: Pairing, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(
+    pairing: Pairing, redis_socket: Path | None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
     """The shared-state app with 4 workers, shared by the tests of a module."""
-    d = start(pairing, tmp_path_factory.mktemp("app"))
+    d = start(pairing, tmp_path_factory.mktemp("app"), state_url=default_state_url(redis_socket))
     yield d
     d.stop()
+
+
+class ExplicitState:
+    """A state server run on its own: ``shared-core serve``, or a redis-server
+    for ``-redis`` pairings. Its URL gives up reconnecting after 0.5 s."""
+
+    def __init__(self, pairing: Pairing, workdir: Path) -> None:
+        self.workdir = workdir
+        self.redis = RedisServer(workdir) if pairing.redis else None
+        self.proc: subprocess.Popen[bytes] | None = None
+        if self.redis is not None:
+            self.url = f"redis+unix://{self.redis.socket}?app=explicit&connect_timeout=0.5"
+        else:
+            self.url = f"unix://{workdir}/state.sock?connect_timeout=0.5"
+
+    def start(self) -> None:
+        if self.redis is not None:
+            self.redis.start()
+            return
+        sock = self.workdir / "state.sock"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shared_core", "serve", "--url", self.url]
+        )
+        proc = self.proc
+        wait_for(lambda: sock.exists() or proc.poll() is not None, 30, "shared-core serve")
+        assert proc.poll() is None, "shared-core serve exited; its output is above"
+
+    def kill(self) -> None:
+        if self.redis is not None:
+            self.redis.kill()
+        elif self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def explicit_state(pairing: Pairing) -> Iterator[ExplicitState]:
+    workdir = Path(tempfile.mkdtemp(prefix="st-"))
+    os.chmod(workdir, 0o700)
+    state = ExplicitState(pairing, workdir)
+    state.start()
+    try:
+        yield state
+    finally:
+        state.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @dataclass

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import Deployment, Pairing, hammer, sample, state_servers
+from conftest import Deployment, ExplicitState, Pairing, hammer, sample, state_servers
 
 LOAD = 1000
 CLIENTS = 100
@@ -171,46 +168,44 @@ def test_worker_recycling_keeps_the_count_exact(launch: Any, pairing: Pairing) -
     assert len(outcome.pids) > 4, f"recycling did not happen: only {outcome.pids} served"
 
 
-def test_state_unavailable_is_a_503_then_recovers(launch: Any, tmp_path: Path) -> None:
-    url = f"unix://{tmp_path}/state.sock?connect_timeout=0.5"
-    server = _serve(url)
-    try:
-        d = launch(env={"SHARED_STATE_URL": url})
-        assert httpx.post(f"{d.url}/increment").json()["count"] == 1
-        server.kill()
-        server.wait()
-        started = time.monotonic()
-        for path in ("/increment", "/report", "/healthz"):
-            r = httpx.request("POST" if path == "/increment" else "GET", d.url + path, timeout=30)
-            assert r.status_code == 503, d.explain(f"{path}: {r.status_code} {r.text}")
-            assert "unavailable" in r.json()["error"]
-        assert time.monotonic() - started < 10, "503s must come promptly"
-        server = _serve(url)
-        # Workers reconnect by themselves; the state died with the old server.
-        outcome = hammer(d.url, "/increment", 40, 8)
-        assert {s for s, _ in outcome.replies} == {200}, d.explain(str(outcome.replies[:3]))
-        assert sorted(b["count"] for b in outcome.ok) == list(range(1, 41))
-    finally:
-        server.kill()
-        server.wait()
+def test_state_unavailable_is_a_503_then_recovers(
+    launch: Any, explicit_state: ExplicitState
+) -> None:
+    d = launch(state_url=explicit_state.url)
+    assert httpx.post(f"{d.url}/increment").json()["count"] == 1
+    explicit_state.kill()
+    started = time.monotonic()
+    for path in ("/increment", "/report", "/healthz"):
+        r = httpx.request("POST" if path == "/increment" else "GET", d.url + path, timeout=30)
+        assert r.status_code == 503, d.explain(f"{path}: {r.status_code} {r.text}")
+        assert "unavailable" in r.json()["error"]
+    assert time.monotonic() - started < 10, "503s must come promptly"
+    explicit_state.start()
+    # Workers reconnect by themselves; the state died with the old server.
+    outcome = hammer(d.url, "/increment", 40, 8)
+    assert {s for s, _ in outcome.replies} == {200}, d.explain(str(outcome.replies[:3]))
+    assert sorted(b["count"] for b in outcome.ok) == list(range(1, 41))
 
 
-def _serve(url: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "shared_core", "serve", "--url", url])
-    sock = Path(url.split("://", 1)[1].split("?")[0])
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        assert proc.poll() is None, "shared_core serve exited"
-        assert time.monotonic() < deadline, "shared_core serve did not start"
-        time.sleep(0.05)
-    return proc
+def test_two_app_servers_share_one_state(launch: Any, explicit_state: ExplicitState) -> None:
+    # Seed 002: two app servers (its ports 8000 and 8001), each with its own
+    # workers, one state.
+    first = launch(state_url=explicit_state.url)
+    second = launch(state_url=explicit_state.url)
+    a = hammer(first.url, "/increment", 100, 20)
+    b = hammer(second.url, "/increment", 100, 20)
+    numbers = sorted(body["count"] for body in a.ok + b.ok)
+    assert numbers == list(range(1, 201)), "both servers must count on one state"
+    for d in (first, second):
+        assert {r["count"] for r in sample(d.url, "/report", 10)} == {200}
 
 
-def test_no_state_server_outlives_the_app_server(launch: Any) -> None:
+def test_no_state_server_outlives_the_app_server(launch: Any, pairing: Pairing) -> None:
     d = launch()
     assert httpx.post(f"{d.url}/increment").status_code == 200
     servers = d.state_servers()
-    assert len(servers) == 1, f"expected one state server, found {servers}"
+    # The embedded default starts one; with Redis there is none to start.
+    assert len(servers) == (0 if pairing.redis else 1), f"state servers: {servers}"
     d.proc.send_signal(signal.SIGTERM)
     d.proc.wait(30)
     stopped = time.monotonic()

@@ -10,9 +10,7 @@ import asyncio
 import inspect
 import os
 import shutil
-import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -23,6 +21,7 @@ import psutil
 import pytest
 
 from shared_core import AsyncSharedState, SharedState
+from shared_core.testing import redis_server, wait_for
 
 
 def server_processes(app: str) -> list[psutil.Process]:
@@ -39,17 +38,6 @@ def server_processes(app: str) -> list[psutil.Process]:
         ):
             found.append(proc)
     return found
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -73,33 +61,15 @@ def app(runtime_dir: Path) -> Iterator[str]:
     kill_and_wait(server_processes(name))
 
 
-def start_redis(workdir: Path) -> subprocess.Popen[bytes]:
-    """A real redis-server on ``workdir/redis.sock``, once it answers."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed (Debian: apt-get install redis-server)")
-    sock = workdir / "redis.sock"
-    proc = subprocess.Popen(
-        [binary, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-         "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    wait_for(lambda: sock.exists() or proc.poll() is not None, 20, "redis-server")
-    assert proc.poll() is None, "redis-server exited"
-    return proc
-
-
 @pytest.fixture(scope="session")
 def redis_socket() -> Iterator[str]:
     """A redis-server on a private Unix socket, for the whole session."""
     # Short, so that the socket path stays under the 107-byte limit.
     workdir = Path(tempfile.mkdtemp(prefix="redis-"))
-    proc = start_redis(workdir)
     try:
-        yield str(workdir / "redis.sock")
+        with redis_server(workdir) as sock:
+            yield str(sock)
     finally:
-        proc.terminate()
-        proc.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -14,15 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import (
-    kill_and_wait,
-    pids_alive,
-    redis_url,
-    server_processes,
-    start_redis,
-    wait_for,
-)
+from conftest import kill_and_wait, pids_alive, redis_url, server_processes
 from shared_core import SharedState, StateUnavailable
+from shared_core.testing import RedisServer, wait_for
 
 
 @pytest.fixture
@@ -180,22 +174,18 @@ def test_info_command_prints_the_server_report(
 
 
 def test_redis_gone_raises_then_recovers(runtime_dir: Path, app: str) -> None:
-    redis_server = start_redis(runtime_dir)
-    url = redis_url(str(runtime_dir / "redis.sock"), app, connect_timeout=1)
-    state = SharedState(url)
+    redis = RedisServer(runtime_dir).start()
+    state = SharedState(redis_url(str(redis.socket), app, connect_timeout=1))
     try:
         assert state.incr("n") == 1
-        redis_server.kill()
-        redis_server.wait()
+        redis.kill()
         started = time.monotonic()
         with pytest.raises(StateUnavailable):
             state.incr("n")
         with pytest.raises(StateUnavailable):
             state.get("n")
         assert time.monotonic() - started < 4, "connect_timeout is 1 s: fail in bounded time"
-        (runtime_dir / "redis.sock").unlink()
-        redis_server = start_redis(runtime_dir)
+        redis.start()
         assert state.incr("n") == 1  # a Redis without persistence starts empty
     finally:
-        redis_server.kill()
-        redis_server.wait()
+        redis.stop()
