@@ -92,6 +92,23 @@ def test_16_spawned_processes_starting_at_once_make_one_server(app: str, manager
     assert SharedState(url).get("started") == 16
 
 
+def _daemonic_incr(url: str, out: Any) -> None:
+    out.put(SharedState(url).incr("n"))
+
+
+def test_a_daemonic_process_starts_the_server(app: str, manager_url: str) -> None:
+    # hypercorn's workers are daemonic: multiprocessing forbids them children,
+    # so the server must be started some other way.
+    out = SPAWN.Queue()
+    proc = SPAWN.Process(target=_daemonic_incr, args=(manager_url, out), daemon=True)
+    proc.start()
+    assert out.get(timeout=60) == 1
+    proc.join(30)
+    assert proc.exitcode == 0
+    assert len(server_processes(app)) == 1
+    assert SharedState(manager_url).get("n") == 1
+
+
 def test_state_survives_sigkill_of_the_process_that_started_the_server(
     app: str, manager_url: str
 ) -> None:

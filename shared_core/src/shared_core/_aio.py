@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any
 
+from ._broadcast import AsyncSubscription
 from ._config import Config, resolve
 from ._engines import async_engine
 from ._errors import LockTimeout
@@ -96,6 +97,28 @@ class AsyncSharedState:
             await self._engine.mutate_end(handle, key, None, False)
             raise
         await self._engine.mutate_end(handle, key, data, True)
+
+    async def publish(self, channel: str, message: Any) -> int:
+        """Send ``message`` to every current subscriber of ``channel`` (see ``SharedState``)."""
+        raw = self._codec.encode(message)
+        return int(await self._engine.call("publish", check_key(channel), raw))
+
+    def subscribe(
+        self, *channels: str, on_connect: Callable[[], Awaitable[None]] | None = None
+    ) -> AsyncSubscription:
+        """Messages published to ``channels``, as an async iterator::
+
+            async with state.subscribe("reload") as messages:
+                async for channel, message in messages:
+                    ...
+
+        The guarantee is that of :meth:`SharedState.subscribe`; ``on_connect``
+        is awaited after every (re)subscribe.
+        """
+        if not channels:
+            raise ValueError("subscribe to at least one channel")
+        names = [check_key(c) for c in channels]
+        return AsyncSubscription(self._engine, self._codec, names, on_connect)
 
     async def info(self) -> dict[str, Any]:
         """Return what the server reports about itself (pid, clients, keys, ...)."""

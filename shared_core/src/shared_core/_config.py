@@ -43,6 +43,8 @@ DEFAULT_LINGER = 10.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_OP_TIMEOUT = 30.0
 DEFAULT_LOCK_LEASE = 30.0
+DEFAULT_SNAPSHOT_INTERVAL = 5.0
+SNAPSHOT_NAME = "snapshot.json"
 REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
 _OURS = {
     "linger",
@@ -80,6 +82,8 @@ class Config:
     app: str = DEFAULT_APP
     serializer: str = "json"  # Redis only: "json", or "pickle" by opt-in
     lock_lease: float = DEFAULT_LOCK_LEASE  # Redis only
+    snapshot: Path | None = None  # manager only: where the state is persisted
+    snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL
 
     @property
     def is_redis(self) -> bool:
@@ -207,6 +211,8 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
     serializer = query.get("serializer", ["json"])[-1]
     if serializer not in ("json", "pickle"):
         raise ConfigError(f"serializer={serializer!r}: use json or pickle")
+    snapshot_interval = _float(query, "snapshot_interval", DEFAULT_SNAPSHOT_INTERVAL)
+    persist = query.get("persist", [""])[-1]
     scheme = parts.scheme
     address: str | tuple[str, int]
     state_dir: Path | None = None
@@ -240,6 +246,17 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         )
     if not _APP_RE.match(name):
         raise ConfigError(f"app name {name!r} must match {_APP_RE.pattern}")
+    snapshot: Path | None = None
+    if persist.startswith("/"):
+        snapshot = Path(persist)
+    elif persist.lower() in ("1", "true", "yes"):
+        if state_dir is None:
+            raise ConfigError(f"{url}: persist=1 needs a private directory; give a path")
+        snapshot = state_dir / SNAPSHOT_NAME
+    elif persist not in ("", "0", "false", "no"):
+        raise ConfigError(f"persist={persist!r}: use 1 or an absolute path")
+    if snapshot is not None and scheme in REDIS_SCHEMES:
+        raise ConfigError("persist= is for the manager engine; Redis persists by itself")
     if scheme in ("local", "unix") and len(os.fsencode(str(address))) > _MAX_SOCKET_PATH:
         raise ConfigError(f"socket path {address} is too long for a Unix socket")
     return Config(
@@ -255,4 +272,6 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         app=name,
         serializer=serializer,
         lock_lease=lock_lease,
+        snapshot=snapshot,
+        snapshot_interval=snapshot_interval,
     )

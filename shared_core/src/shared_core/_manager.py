@@ -150,6 +150,33 @@ class ManagerEngine:
     def mutate_end(self, handle: Connection, key: str, value: Any, commit: bool) -> None:
         self._call_on(handle, "mutate_end", key, value, commit)
 
+    # Broadcast: a subscriber has a connection of its own, since receive()
+    # waits on the server for messages.
+
+    def subscribe(self, channels: list[str]) -> Connection:
+        conn = connect(self._config)
+        try:
+            conn.send((STORE_ID, "subscribe", (channels,), {}))
+            decode(conn.recv(), "subscribe")
+        except (OSError, EOFError) as exc:
+            conn.close()
+            raise StateUnavailable(f"{_LOST} during subscribe: {exc!r}") from exc
+        return conn
+
+    def receive(self, handle: Connection, timeout: float) -> list[tuple[str, Any]]:
+        try:
+            handle.send((STORE_ID, "receive", (timeout,), {}))
+            wait = timeout + (self._config.op_timeout or 0)
+            if wait and not handle.poll(wait):
+                raise TimeoutError("no answer to receive()")
+            return list(decode(handle.recv(), "receive"))
+        except (OSError, EOFError) as exc:
+            handle.close()
+            raise StateUnavailable(f"{_LOST} during receive: {exc!r}") from exc
+
+    def unsubscribe(self, handle: Connection) -> None:
+        handle.close()
+
     def close(self) -> None:
         for conn in list(self._conns):
             self._drop(conn)
@@ -361,6 +388,19 @@ class AsyncManagerEngine:
     async def mutate_end(self, handle: _Pipe, key: str, value: Any, commit: bool) -> None:
         await self._pinned(handle, "mutate_end", (key, value, commit), self._config.op_timeout)
         self._checkin(handle)
+
+    async def subscribe(self, channels: list[str]) -> _Pipe:
+        await self._main_pipe()  # binds to this loop
+        pipe = await self._open()
+        await self._pinned(pipe, "subscribe", (channels,), self._config.op_timeout)
+        return pipe
+
+    async def receive(self, handle: _Pipe, timeout: float) -> list[tuple[str, Any]]:
+        wait = timeout + (self._config.op_timeout or 0)
+        return list(await self._pinned(handle, "receive", (timeout,), wait or None))
+
+    async def unsubscribe(self, handle: _Pipe) -> None:
+        handle.abort()
 
     async def aclose(self) -> None:
         for pipe in [self._main, *self._spare]:

@@ -98,6 +98,9 @@ class _Keys:
     def mutate(self, key: str) -> str:
         return self.ns + "m:" + key
 
+    def channel(self, name: str) -> str:
+        return self.ns + "c:" + name
+
     def pattern(self, prefix: str) -> str:
         return _GLOB.sub(r"\\\1", self.values + prefix) + "*"
 
@@ -115,6 +118,16 @@ def _incr_error(key: str, exc: redis.ResponseError) -> Exception:
     if "not an integer" in str(exc):
         return TypeError(f"incr: the value of {key!r} is not an int (64-bit in Redis)")
     return StateError(f"incr of {key!r} failed in Redis: {exc}")
+
+
+def _messages(keys: _Keys, replies: list[Any]) -> list[tuple[str, Raw]]:
+    """The published messages among pub/sub replies, as (channel, raw)."""
+    cut = len(keys.ns) + 2
+    return [
+        (bytes(r["channel"]).decode()[cut:], bytes(r["data"]))
+        for r in replies
+        if r is not None and r.get("type") == "message"
+    ]
 
 
 def _info(reply: dict[str, Any], dbsize: int) -> dict[str, Any]:
@@ -241,8 +254,54 @@ class RedisEngine:
                 "nothing was written"
             )
 
+    def op_publish(self, channel: str, raw: Raw) -> int:
+        return int(self.client.publish(self.keys_.channel(channel), _stored(raw)))
+
+    def subscribe(self, channels: list[str]) -> _Subscriber:
+        pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(*[self.keys_.channel(c) for c in channels])
+            # Wait for Redis to confirm, so that nothing published after this
+            # returns is missed; keep what arrives meanwhile.
+            early: list[Any] = []
+            deadline = time.monotonic() + self.config.connect_timeout
+            confirmed = 0
+            while confirmed < len(channels):
+                if time.monotonic() > deadline:
+                    raise redis.TimeoutError("no confirmation of SUBSCRIBE")
+                reply = pubsub.get_message(timeout=0.1)
+                if reply is not None and reply["type"] == "subscribe":
+                    confirmed += 1
+                elif reply is not None:
+                    early.append(reply)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            pubsub.close()
+            raise StateUnavailable(f"Redis at {self.config.url}: {exc}") from exc
+        return _Subscriber(pubsub, _messages(self.keys_, early))
+
+    def receive(self, handle: _Subscriber, timeout: float) -> list[tuple[str, Raw]]:
+        if handle.early:
+            early, handle.early = handle.early, []
+            return early
+        try:
+            replies = [handle.pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)]
+            while replies[-1] is not None:  # and whatever else is already here
+                replies.append(handle.pubsub.get_message(ignore_subscribe_messages=True))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StateUnavailable(f"Redis at {self.config.url}: {exc}") from exc
+        return _messages(self.keys_, replies)
+
+    def unsubscribe(self, handle: _Subscriber) -> None:
+        handle.pubsub.close()
+
     def close(self) -> None:
         self.client.connection_pool.disconnect()
+
+
+class _Subscriber:
+    def __init__(self, pubsub: Any, early: list[tuple[str, Raw]]) -> None:
+        self.pubsub = pubsub
+        self.early = early
 
 
 class AsyncRedisEngine:
@@ -361,6 +420,45 @@ class AsyncRedisEngine:
                 f"mutate({key!r}) outlived its lease ({self.config.lock_lease:g}s); "
                 "nothing was written"
             )
+
+    async def op_publish(self, channel: str, raw: Raw) -> int:
+        return int(await self.client.publish(self.keys_.channel(channel), _stored(raw)))
+
+    async def subscribe(self, channels: list[str]) -> _Subscriber:
+        pubsub = self.client.pubsub()
+        try:
+            await pubsub.subscribe(*[self.keys_.channel(c) for c in channels])
+            early: list[Any] = []
+            deadline = time.monotonic() + self.config.connect_timeout
+            confirmed = 0
+            while confirmed < len(channels):
+                if time.monotonic() > deadline:
+                    raise redis.TimeoutError("no confirmation of SUBSCRIBE")
+                reply = await pubsub.get_message(timeout=0.1)
+                if reply is not None and reply["type"] == "subscribe":
+                    confirmed += 1
+                elif reply is not None:
+                    early.append(reply)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            raise StateUnavailable(f"Redis at {self.config.url}: {exc}") from exc
+        return _Subscriber(pubsub, _messages(self.keys_, early))
+
+    async def receive(self, handle: _Subscriber, timeout: float) -> list[tuple[str, Raw]]:
+        if handle.early:
+            early, handle.early = handle.early, []
+            return early
+        pubsub = handle.pubsub
+        try:
+            replies = [await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)]
+            while replies[-1] is not None:
+                replies.append(await pubsub.get_message(ignore_subscribe_messages=True))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StateUnavailable(f"Redis at {self.config.url}: {exc}") from exc
+        return _messages(self.keys_, replies)
+
+    async def unsubscribe(self, handle: _Subscriber) -> None:
+        await handle.pubsub.aclose()
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -17,12 +17,15 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing import managers
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
+from . import _persist as persist
 from ._config import START_LOCK_NAME, Config, ensure_private_dir, is_loopback
 from ._errors import ConfigError, LockTimeout
 
@@ -50,7 +53,7 @@ class Store:
         {
             "get", "set", "delete", "incr", "setdefault", "keys", "clear",
             "secret", "lock_acquire", "lock_release", "mutate_begin",
-            "mutate_end", "info",
+            "mutate_end", "info", "publish", "subscribe", "receive",
         }
     )  # fmt: skip
 
@@ -62,6 +65,12 @@ class Store:
         self._lock_owners: dict[str, int] = {}
         self._local = threading.local()
         self._clients_mutex = threading.Lock()
+        # Broadcast: the queue of each subscribed connection, per channel.
+        self._subs_cond = threading.Condition(threading.Lock())
+        self._subscribers: dict[str, set[int]] = {}
+        self._inboxes: dict[int, deque[tuple[str, Value]]] = {}
+        # Bumped by every write, so that snapshots are taken only when needed.
+        self.version = 0
         self.clients = 0
         self.idle_since = time.monotonic()
         self.started = time.time()
@@ -75,6 +84,10 @@ class Store:
 
     def disconnected(self) -> None:
         me = threading.get_ident()
+        with self._subs_cond:
+            if self._inboxes.pop(me, None) is not None:
+                for members in self._subscribers.values():
+                    members.discard(me)
         with self._lock_cond:
             held = [name for name, owner in self._lock_owners.items() if owner == me]
             for name in held:
@@ -102,9 +115,11 @@ class Store:
     def set(self, key: str, value: Value) -> None:
         with self._mutex:
             self._data[key] = value
+            self.version += 1
 
     def delete(self, key: str) -> bool:
         with self._mutex:
+            self.version += 1
             return self._data.pop(key, _MISSING) is not _MISSING
 
     def incr(self, key: str, amount: int) -> int:
@@ -114,10 +129,12 @@ class Store:
                 raise TypeError(f"incr: the value of {key!r} is not an int")
             value += amount
             self._data[key] = value
+            self.version += 1
         return value
 
     def setdefault(self, key: str, value: Value) -> Value:
         with self._mutex:
+            self.version += 1
             return self._data.setdefault(key, value)
 
     def keys(self, prefix: str) -> list[str]:
@@ -129,6 +146,7 @@ class Store:
             doomed = [k for k in self._data if k.startswith(prefix)]
             for k in doomed:
                 del self._data[k]
+            self.version += 1
         return len(doomed)
 
     def secret(self, name: str, nbytes: int) -> str:
@@ -136,6 +154,7 @@ class Store:
             value = self._secrets.get(name)
             if value is None:
                 value = self._secrets[name] = secrets.token_hex(nbytes)
+                self.version += 1
         return value
 
     # locks -----------------------------------------------------------------
@@ -179,6 +198,57 @@ class Store:
             if value is not None:
                 self.set(key, value)
         self.lock_release(name)
+
+    # broadcast ---------------------------------------------------------------
+
+    def publish(self, channel: str, message: Value) -> int:
+        """Queue ``message`` for every connection subscribed to ``channel``."""
+        with self._subs_cond:
+            members = self._subscribers.get(channel, ())
+            for ident in members:
+                self._inboxes[ident].append((channel, message))
+            if members:
+                self._subs_cond.notify_all()
+            return len(members)
+
+    def subscribe(self, channels: list[str]) -> None:
+        """Make this connection a subscriber; messages queue up from now on."""
+        me = threading.get_ident()
+        with self._subs_cond:
+            self._inboxes.setdefault(me, deque())
+            for channel in channels:
+                self._subscribers.setdefault(channel, set()).add(me)
+
+    def receive(self, timeout: float) -> list[tuple[str, Value]]:
+        """Wait up to ``timeout`` for this subscriber's queued messages."""
+        me = threading.get_ident()
+        deadline = time.monotonic() + timeout
+        with self._subs_cond:
+            inbox = self._inboxes.get(me)
+            if inbox is None:
+                raise RuntimeError("receive() before subscribe() on this connection")
+            while not inbox:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                self._subs_cond.wait(min(remaining, _POLL))
+                if self._client_gone():
+                    raise EOFError("subscriber left")
+            messages = list(inbox)
+            inbox.clear()
+        return messages
+
+    # persistence -------------------------------------------------------------
+
+    def dump(self) -> tuple[int, dict[str, Value], dict[str, str]]:
+        """A consistent copy of the values and secrets, with its version."""
+        with self._mutex:
+            return self.version, dict(self._data), dict(self._secrets)
+
+    def load(self, data: dict[str, Value], secrets_: dict[str, str]) -> None:
+        with self._mutex:
+            self._data.update(data)
+            self._secrets.update(secrets_)
 
     def info(self) -> dict[str, Any]:
         with self._mutex:
@@ -310,8 +380,9 @@ def serve(
     if config.state_dir is not None:
         ensure_private_dir(config.state_dir)
     authkey = config.ensure_authkey(regenerate=False)
-    os.umask(0o177)  # the socket file is created 0600
+    os.umask(0o177)  # the socket file (and any snapshot) is created 0600
     store = Store()
+    snapshots = _Snapshots(config.snapshot, config.snapshot_interval, store)
     if isinstance(config.address, str) and not start_locked:
         with start_lock(config):
             _remove_stale_socket(config.address)
@@ -335,6 +406,7 @@ def serve(
 
     reason = "stopped"
     while not stop.wait(_POLL):
+        snapshots.tick()
         reason = _exit_reason(store, linger, watch_pid)
         if not reason:
             continue
@@ -349,8 +421,39 @@ def serve(
                 break
     else:
         server.close()
+    snapshots.save()
     log.info("state server %d exiting: %s", os.getpid(), reason or "stopped")
     return 0
+
+
+class _Snapshots:
+    """Load the snapshot at start; save one every ``interval`` after writes."""
+
+    def __init__(self, path: Path | None, interval: float, store: Store) -> None:
+        self.path, self.interval, self.store = path, interval, store
+        self.saved_version = 0
+        self.next_save = time.monotonic() + interval
+        if path is None:
+            return
+        loaded = persist.read(path)  # SnapshotError: refuse to start, keep the file
+        if loaded is not None:
+            store.load(*loaded)
+            log.info("loaded %d keys from %s", len(loaded[0]), path)
+
+    def tick(self) -> None:
+        if self.path is not None and time.monotonic() >= self.next_save:
+            self.next_save = time.monotonic() + self.interval
+            try:
+                self.save()
+            except OSError as exc:  # a full disk must not stop the server
+                log.error("could not write the snapshot %s: %s", self.path, exc)
+
+    def save(self) -> None:
+        if self.path is None or self.store.version == self.saved_version:
+            return
+        version, data, secrets_ = self.store.dump()
+        persist.write(self.path, data, secrets_)
+        self.saved_version = version
 
 
 def _exit_reason(store: Store, linger: float | None, watch_pid: int | None) -> str:

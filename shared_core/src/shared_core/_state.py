@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
+from ._broadcast import Subscription
 from ._config import Config, resolve
 from ._engines import sync_engine
 from ._errors import LockTimeout
@@ -140,6 +141,34 @@ class SharedState:
             self._engine.mutate_end(handle, key, None, False)
             raise
         self._engine.mutate_end(handle, key, data, True)
+
+    def publish(self, channel: str, message: Any) -> int:
+        """Send ``message`` to every current subscriber of ``channel``.
+
+        Returns how many subscribers it was queued for (on Redis: how many
+        Redis clients). See :meth:`subscribe` for the delivery guarantee.
+        """
+        return int(self._engine.call("publish", check_key(channel), self._codec.encode(message)))
+
+    def subscribe(
+        self,
+        *channels: str,
+        callback: Callable[[str, Any], None],
+        on_connect: Callable[[], None] | None = None,
+    ) -> Subscription:
+        """Call ``callback(channel, message)`` on a background thread for every
+        message published to ``channels`` from now on; returns once subscribed.
+
+        Every subscriber subscribed at publish time gets a message once, in
+        order. After a broken connection it resubscribes by itself and calls
+        ``on_connect``; what was published meanwhile is missed, so keep the
+        truth in the state and catch up in ``on_connect``.
+        """
+        if not channels:
+            raise ValueError("subscribe to at least one channel")
+        names = [check_key(c) for c in channels]
+        timeout = self._config.connect_timeout + 5
+        return Subscription(self._engine, self._codec, names, callback, on_connect, timeout)
 
     def info(self) -> dict[str, Any]:
         """Return what the server reports about itself (pid, clients, keys, ...)."""
