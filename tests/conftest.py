@@ -171,16 +171,18 @@ def start(
     mode: str = "shared",
     workers: int = WORKERS,
     max_requests: int = 0,
+    runtime_dir: Path | None = None,
 ) -> Deployment:
     """Start the app server and wait until it answers /healthz.
 
-    ``workdir`` holds its output and its own ``XDG_RUNTIME_DIR``, so that
-    every deployment has its own embedded state server unless ``state_url``
-    names another.
+    ``workdir`` holds its output and (unless ``runtime_dir`` is given) its own
+    ``XDG_RUNTIME_DIR``, so that every deployment has its own embedded state
+    server unless ``state_url`` names another.
     """
     port = free_port()
-    runtime_dir = workdir / "run"
-    runtime_dir.mkdir(mode=0o700)
+    if runtime_dir is None:
+        runtime_dir = workdir / "run"
+        runtime_dir.mkdir(mode=0o700)
     log = workdir / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHARED_STATE_")}
     env.update(XDG_RUNTIME_DIR=str(runtime_dir), COUNTER_MODE=mode, PYTHONUNBUFFERED="1")

@@ -9,12 +9,21 @@ import re
 import signal
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import Deployment, ExplicitState, Pairing, hammer, sample, state_servers
+from conftest import (
+    Deployment,
+    ExplicitState,
+    Pairing,
+    default_state_url,
+    hammer,
+    sample,
+    state_servers,
+)
 
 LOAD = 1000
 CLIENTS = 100
@@ -125,6 +134,45 @@ def test_oversized_body_is_refused_with_413(deployment: Deployment) -> None:
     r = httpx.post(f"{deployment.url}/increment", content=b"x" * 1_000_000, timeout=30)
     assert r.status_code == 413, r.text
     assert httpx.get(f"{deployment.url}/report").json()["count"] == before
+
+
+def test_broadcast_reaches_every_worker(deployment: Deployment) -> None:
+    # Seed 002: "Is there a way to force all workers to respond to a single call?"
+    before = sample(deployment.url, "/report", 40)
+    subscribed = {r["pid"] for r in before}
+    r = httpx.post(f"{deployment.url}/broadcast/reload", timeout=30)
+    assert r.status_code == 200, deployment.explain(r.text)
+    generation = r.json()["generation"]
+    assert all(b["generation"] < generation for b in before)
+    deadline = time.monotonic() + 5
+    while True:
+        after = sample(deployment.url, "/report", 20)
+        late = {a["pid"] for a in after if a["generation"] < generation}
+        if not late:
+            break
+        assert time.monotonic() < deadline, deployment.explain(
+            f"workers {late} had not acted on generation {generation} 5 s after its "
+            f"broadcast: {[(a['pid'], a['generation']) for a in after]}"
+        )
+        time.sleep(0.1)
+    acted = {a["pid"] for a in after} & subscribed
+    assert len(acted) >= 2, f"only {acted} of the subscribed workers were observed"
+
+
+def test_state_survives_a_restart_of_the_whole_deployment(
+    launch: Any, pairing: Pairing, redis_socket: Path | None, tmp_path: Path
+) -> None:
+    # With the embedded engine this needs persist=1; Redis keeps it anyway.
+    url = default_state_url(redis_socket) or "local://persisted?persist=1"
+    runtime_dir = tmp_path / "run"
+    runtime_dir.mkdir(mode=0o700)
+    first = launch(state_url=url, runtime_dir=runtime_dir)
+    hammer(first.url, "/increment", 50, 10)
+    assert first.stop() == 0, first.explain("the app server did not stop cleanly")
+    while state_servers(runtime_dir):  # the state server leaves with it, saving
+        time.sleep(0.05)
+    second = launch(state_url=url, runtime_dir=runtime_dir)
+    assert httpx.post(f"{second.url}/increment").json()["count"] == 51
 
 
 def test_naive_mode_shows_the_bug(launch: Any) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -41,7 +42,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async with attach_counters(settings) as (counters, session_key):
             app.state.counters = counters
             app.state.session_key = session_key
-            yield
+            # One task per worker acts on reload broadcasts.
+            listener = asyncio.ensure_future(counters.listen())
+            try:
+                yield
+            finally:
+                listener.cancel()
+                with suppress(asyncio.CancelledError):
+                    await listener
 
     app = FastAPI(title="fastapi_counter", lifespan=lifespan)
     app.add_middleware(SharedSecretSessions)
@@ -69,7 +77,18 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
     @app.get("/report")
     async def report(counters: CountersDep, key: KeyParam = "counter") -> dict[str, Any]:
         count = await counters.get(key)
-        return {"count": count, "key": key, "pid": os.getpid(), "mode": mode}
+        return {
+            "count": count,
+            "key": key,
+            "pid": os.getpid(),
+            "mode": mode,
+            "generation": counters.generation,
+        }
+
+    @app.post("/broadcast/reload")
+    async def broadcast_reload(counters: CountersDep) -> dict[str, Any]:
+        # Every worker loads the new generation, not only the one answering.
+        return {"generation": await counters.reload(), "pid": os.getpid()}
 
     @app.api_route("/reset", methods=["GET", "POST"])
     async def reset(counters: CountersDep, key: KeyParam = "counter") -> dict[str, Any]:

@@ -102,10 +102,25 @@ def register_routes(app: Flask, counters: Counters) -> None:
         key, by = _params()
         return {"count": counters.incr(key, by), "key": key, "pid": os.getpid()}
 
+    @app.before_request
+    def listen() -> None:
+        counters.listen()
+
     @app.get("/report")
     def report() -> Any:
         key, _ = _params()
-        return {"count": counters.get(key), "key": key, "pid": os.getpid(), "mode": mode}
+        return {
+            "count": counters.get(key),
+            "key": key,
+            "pid": os.getpid(),
+            "mode": mode,
+            "generation": counters.generation,
+        }
+
+    @app.post("/broadcast/reload")
+    def broadcast_reload() -> Any:
+        # Every worker loads the new generation, not only the one answering.
+        return {"generation": counters.reload(), "pid": os.getpid()}
 
     @app.route("/reset", methods=["GET", "POST"])
     def reset() -> Any:

@@ -1,18 +1,28 @@
-"""Where the counts live: one shared state, or (naive mode) each worker's own."""
+"""Where the counts live: one shared state, or (naive mode) each worker's own.
+
+Besides the counts, each worker keeps something of its own, as real apps do
+(a loaded config, a cache, a model): here, the config ``generation`` it has
+acted on. ``reload()`` tells every worker to act, through a broadcast.
+"""
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
-from shared_core import SharedState
+from shared_core import SharedState, Subscription
 
 
 class Counters(Protocol):
+    generation: int
+
     def incr(self, key: str, by: int) -> int: ...
     def get(self, key: str) -> int: ...
     def reset(self, key: str) -> None: ...
     def ping(self) -> None: ...
+    def listen(self) -> None: ...
+    def reload(self) -> int: ...
 
 
 class SharedCounters:
@@ -20,6 +30,32 @@ class SharedCounters:
 
     def __init__(self, state: SharedState) -> None:
         self.state = state
+        self.generation = 0  # of the config this worker has loaded
+        self._subscription: Subscription | None = None
+        self._pid = 0
+
+    def listen(self) -> None:
+        """Subscribe this worker to reload broadcasts, once per process."""
+        if self._pid != os.getpid():  # a worker forked from a preloading master subscribes anew
+            self._subscription = self.state.subscribe(
+                "reload", callback=self._on_reload, on_connect=self._catch_up
+            )
+            self._pid = os.getpid()
+            self._catch_up()  # before this first request is answered
+
+    def reload(self) -> int:
+        """Make every worker load the next config generation."""
+        generation = self.state.incr("config:generation")
+        self.state.publish("reload", {"generation": generation})
+        return generation
+
+    def _on_reload(self, channel: str, message: Any) -> None:
+        self.generation = max(self.generation, int(message["generation"]))
+
+    def _catch_up(self) -> None:
+        # Broadcasts sent while this worker was not subscribed are missed:
+        # the generation in the state is the truth.
+        self.generation = max(self.generation, int(self.state.get("config:generation", 0)))
 
     def incr(self, key: str, by: int) -> int:
         return self.state.incr(f"count:{key}", by)
@@ -39,6 +75,7 @@ class NaiveCounters:
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
+        self.generation = 0
 
     def incr(self, key: str, by: int) -> int:
         value = self.counts.get(key, 0) + by
@@ -54,3 +91,11 @@ class NaiveCounters:
 
     def ping(self) -> None:
         pass
+
+    def listen(self) -> None:
+        pass
+
+    def reload(self) -> int:
+        # Reaches only the worker that got the request: the bug of seed 002.
+        self.generation += 1
+        return self.generation

@@ -8,10 +8,12 @@ Set ``COUNTER_MODE=naive`` to see the bug this fixes: a per-worker global.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import secrets
+from contextlib import suppress
 from typing import Any
 
 from quart import Quart, abort, flash, jsonify, redirect, render_template, request, session, url_for
@@ -42,6 +44,21 @@ def create_app(test_config: dict[str, Any] | None = None) -> Quart:
         app.config.from_mapping(test_config)
 
     counters: Counters
+    # Registered first, so that at shutdown it stops before the state closes.
+    listener: list[asyncio.Task[None]] = []
+
+    @app.before_serving
+    async def start_listening() -> None:
+        # One task per worker acts on reload broadcasts.
+        listener.append(asyncio.ensure_future(counters.listen()))
+
+    @app.after_serving
+    async def stop_listening() -> None:
+        for task in listener:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+
     if app.config["COUNTER_MODE"] == "naive":
         # The bug of seed 004: every worker makes up its own key.
         app.secret_key = secrets.token_hex(32)
@@ -108,7 +125,18 @@ def register_routes(app: Quart, counters: Counters) -> None:
     async def report() -> Any:
         key, _ = _params()
         count = await counters.get(key)
-        return {"count": count, "key": key, "pid": os.getpid(), "mode": mode}
+        return {
+            "count": count,
+            "key": key,
+            "pid": os.getpid(),
+            "mode": mode,
+            "generation": counters.generation,
+        }
+
+    @app.post("/broadcast/reload")
+    async def broadcast_reload() -> Any:
+        # Every worker loads the new generation, not only the one answering.
+        return {"generation": await counters.reload(), "pid": os.getpid()}
 
     @app.route("/reset", methods=["GET", "POST"])
     async def reset() -> Any:
