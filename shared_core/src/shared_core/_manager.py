@@ -232,7 +232,7 @@ class _Pipe(asyncio.Protocol):
             end = start + size
             if len(buf) < end:
                 return
-            payload = bytes(buf[start:end])
+            payload = buf[start:end]
             del buf[:end]
             fut = self._waiters.popleft()
             if fut.done():  # its caller was cancelled or timed out

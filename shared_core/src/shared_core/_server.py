@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from multiprocessing import managers
 from multiprocessing.connection import Connection
 from pathlib import Path
+from traceback import format_exc
 from typing import Any
 
 from . import _persist as persist
@@ -299,11 +300,41 @@ class StateServer(managers.Server):
         self.listener.close()  # type: ignore[attr-defined]
 
     def serve_client(self, conn: Connection) -> None:
-        self.store.connected(conn)
+        """Answer one connection's calls on the store, in order, until it closes.
+
+        The manager's own loop, minus what a single object at a fixed id
+        does not need (object lookups, proxies, fallbacks): same messages,
+        fewer steps on every call.
+        """
+        store, exposed, stop = self.store, self.store.exposed, self.stop_event
+        recv, send = conn.recv, conn.send
+        store.connected(conn)
         try:
-            super().serve_client(conn)
+            while not stop.is_set():
+                try:
+                    ident, method, args, kwds = recv()
+                except (EOFError, OSError):
+                    return
+                except Exception:
+                    msg: tuple[str, Any] = ("#TRACEBACK", format_exc())
+                else:
+                    if ident != STORE_ID or method not in exposed:
+                        msg = ("#TRACEBACK", f"no method {method!r} on {ident!r}")
+                    else:
+                        try:
+                            msg = ("#RETURN", getattr(store, method)(*args, **kwds))
+                        except Exception as exc:
+                            msg = ("#ERROR", exc)
+                try:
+                    send(msg)
+                except Exception:
+                    try:
+                        send(("#UNSERIALIZABLE", format_exc()))
+                    except Exception:
+                        return
         finally:
-            self.store.disconnected()
+            conn.close()
+            store.disconnected()
 
 
 @contextmanager

@@ -37,10 +37,12 @@ class RedisServer:
     Parameters:
         workdir: a private directory for the socket; keep its path short
             (a Unix socket path has at most 107 bytes).
+        port: also listen on this TCP port of 127.0.0.1 (0: no TCP).
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, port: int = 0) -> None:
         self.workdir = workdir
+        self.port = port
         self.socket = workdir / "redis.sock"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -53,7 +55,8 @@ class RedisServer:
             )
         self.socket.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [binary, "--port", "0", "--unixsocket", str(self.socket),
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--unixsocket", str(self.socket),
              "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL,

@@ -1,0 +1,550 @@
+"""Engine-level benchmarks: latency, throughput and scale, side by side.
+
+Everything is measured in one run, interleaved in rounds, so that the noise of
+a shared machine hits every engine alike; the report gives ratios against the
+baselines of the same run (the bare ``multiprocessing.connection`` echo, and
+redis-py with hiredis), medians over rounds, and the spread.
+
+    python benchmarks/engines.py --out benchmarks/results/engines.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from multiprocessing.connection import Client, Listener
+from multiprocessing.managers import SyncManager
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+
+from shared_core import AsyncSharedState, SharedState
+from shared_core.testing import RedisServer
+
+SPAWN = multiprocessing.get_context("spawn")
+VALUE = "v" * 100  # the 100-byte value of get and set
+ECHO_REQUEST: tuple[str, str, tuple[str, int], dict[str, Any]] = ("store", "incr", ("k", 1), {})
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- the things measured -----------------------------------------------------
+
+
+def _echo_server(address: str, authkey: bytes) -> None:
+    # Like the state server: a thread per connection, a reply per request.
+    with Listener(address, authkey=authkey, backlog=64) as listener:
+        while True:
+            conn = listener.accept()
+            threading.Thread(target=_echo_loop, args=(conn,), daemon=True).start()
+
+
+def _echo_loop(conn: Any) -> None:
+    try:
+        while True:
+            request = conn.recv()
+            conn.send(("#RETURN", request[2][1]))
+    except EOFError:
+        pass
+
+
+class Setup:
+    """The servers every measurement talks to, started once."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        os.environ["XDG_RUNTIME_DIR"] = str(workdir)
+        self.authkey = os.urandom(32)
+        self.echo_address = str(workdir / "echo.sock")
+        self.echo = SPAWN.Process(
+            target=_echo_server, args=(self.echo_address, self.authkey), daemon=True
+        )
+        self.echo.start()
+        while not os.path.exists(self.echo_address):
+            time.sleep(0.01)
+        self.redis = RedisServer(workdir, port=free_port()).start()
+        self.manager_url = "local://bench?linger=30"
+        self.redis_unix = f"redis+unix://{self.redis.socket}?app=bench"
+        self.redis_tcp = f"redis://127.0.0.1:{self.redis.port}/0?app=bench"
+        self.seed_manager = SyncManager(address=str(workdir / "seed.sock"), authkey=self.authkey)
+        self.seed_manager.start()
+        self.seed_dict = self.seed_manager.dict()
+        self.seed_lock = self.seed_manager.Lock()
+        self.diskcache_dir = str(workdir / "diskcache")
+
+    def close(self) -> None:
+        self.seed_manager.shutdown()
+        self.redis.stop()
+        self.echo.terminate()
+
+
+def sync_ops(setup: Setup, engine: str) -> dict[str, Callable[[], Any]]:
+    """For one engine: incr, get and set of one key, as plain calls."""
+    if engine == "echo":
+        conn = Client(setup.echo_address, authkey=setup.authkey)
+
+        def echo() -> Any:
+            conn.send(ECHO_REQUEST)
+            return conn.recv()
+
+        return {"incr": echo, "get": echo, "set": echo}
+    if engine.startswith("shared_core"):
+        url = {
+            "shared_core manager": setup.manager_url,
+            "shared_core redis unix": setup.redis_unix,
+            "shared_core redis tcp": setup.redis_tcp,
+        }[engine]
+        state = SharedState(url)
+        state.set("v", VALUE)
+        return {
+            "incr": lambda: state.incr("n"),
+            "get": lambda: state.get("v"),
+            "set": lambda: state.set("v", VALUE),
+        }
+    if engine == "redis-py + hiredis unix":
+        r = redis.Redis(unix_socket_path=str(setup.redis.socket))
+        r.set("raw:v", VALUE)
+        return {
+            "incr": lambda: r.incr("raw:n"),
+            "get": lambda: r.get("raw:v"),
+            "set": lambda: r.set("raw:v", VALUE),
+        }
+    if engine.startswith("seed DictProxy"):
+        d, lock = setup.seed_dict, setup.seed_lock
+        d["n"] = 0
+        d["v"] = VALUE
+
+        def locked_incr() -> None:
+            with lock:
+                d["n"] += 1
+
+        def bare_incr() -> None:
+            d["n"] += 1
+
+        incr = bare_incr if engine.endswith("no lock") else locked_incr
+        return {"incr": incr, "get": lambda: d["v"], "set": lambda: d.__setitem__("v", VALUE)}
+    if engine == "diskcache":
+        import diskcache
+
+        cache = diskcache.Cache(setup.diskcache_dir)
+        cache.set("v", VALUE)
+        return {
+            "incr": lambda: cache.incr("n"),
+            "get": lambda: cache.get("v"),
+            "set": lambda: cache.set("v", VALUE),
+        }
+    raise ValueError(engine)
+
+
+def async_ops(setup: Setup, engine: str) -> dict[str, Callable[[], Any]]:
+    url = {
+        "shared_core manager async": setup.manager_url,
+        "shared_core redis unix async": setup.redis_unix,
+    }[engine]
+    state = AsyncSharedState(url)
+    return {
+        "incr": lambda: state.incr("n"),
+        "get": lambda: state.get("v"),
+        "set": lambda: state.set("v", VALUE),
+    }
+
+
+SYNC_ENGINES = [
+    "echo",
+    "shared_core manager",
+    "shared_core redis unix",
+    "shared_core redis tcp",
+    "redis-py + hiredis unix",
+    "seed DictProxy + Lock",
+    "diskcache",
+]
+ASYNC_ENGINES = ["shared_core manager async", "shared_core redis unix async"]
+
+
+def percentiles(samples: list[int]) -> tuple[float, float]:
+    samples.sort()
+    return samples[len(samples) // 2] / 1000, samples[int(len(samples) * 0.99)] / 1000
+
+
+def time_sync(fn: Callable[[], Any], calls: int) -> tuple[float, float]:
+    clock = time.perf_counter_ns
+    samples = []
+    for _ in range(calls):
+        t = clock()
+        fn()
+        samples.append(clock() - t)
+    return percentiles(samples)
+
+
+async def time_async(fn: Callable[[], Any], calls: int) -> tuple[float, float]:
+    clock = time.perf_counter_ns
+    samples = []
+    for _ in range(calls):
+        t = clock()
+        await fn()
+        samples.append(clock() - t)
+    return percentiles(samples)
+
+
+def latency(setup: Setup, rounds: int, calls: int) -> dict[str, Any]:
+    """p50/p99 in µs per engine and operation: medians over rounds, and spread."""
+    ops = {e: sync_ops(setup, e) for e in SYNC_ENGINES}
+    loop = asyncio.new_event_loop()
+    loops = {e: loop for e in ASYNC_ENGINES}
+    aops = {e: async_ops(setup, e) for e in ASYNC_ENGINES}
+    try:  # uvicorn runs on uvloop when it is installed (uvicorn[standard])
+        import uvloop
+
+        name = "shared_core manager async, uvloop"
+        loops[name] = uvloop.new_event_loop()
+        aops[name] = async_ops(setup, "shared_core manager async")
+    except ImportError:
+        pass
+    for engine, fns in aops.items():
+        loops[engine].run_until_complete(fns["set"]())
+    raw: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for r in range(rounds):
+        progress(f"latency round {r + 1}/{rounds}")
+        for engine, fns in ops.items():
+            for op, fn in fns.items():
+                for _ in range(50):  # warm up
+                    fn()
+                raw.setdefault(engine, {}).setdefault(op, []).append(time_sync(fn, calls))
+        for engine, fns in aops.items():
+            for op, fn in fns.items():
+                result = loops[engine].run_until_complete(time_async(fn, calls))
+                raw.setdefault(engine, {}).setdefault(op, []).append(result)
+    summary: dict[str, Any] = {}
+    for engine, by_op in raw.items():
+        for op, rows in by_op.items():
+            p50s = [p50 for p50, _ in rows]
+            summary.setdefault(engine, {})[op] = {
+                "p50_us": statistics.median(p50s),
+                "p99_us": statistics.median(p99 for _, p99 in rows),
+                "p50_min_us": min(p50s),
+                "p50_max_us": max(p50s),
+            }
+    return summary
+
+
+# --- throughput: N client processes on one key --------------------------------
+
+
+def _worker(setup_info: dict[str, Any], engine: str, seconds: float, start: Any, out: Any) -> None:
+    os.environ["XDG_RUNTIME_DIR"] = setup_info["workdir"]
+    if engine == "shared_core manager async":
+        out.put(asyncio.run(_async_worker(setup_info["manager_url"], seconds, start)))
+        return
+    fn = _incr_fn(setup_info, engine)
+    start.wait()
+    done = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for _ in range(20):
+            fn()
+        done += 20
+    out.put(done)
+
+
+async def _async_worker(url: str, seconds: float, start: Any) -> int:
+    state = AsyncSharedState(url)
+    await state.incr("tp")
+    start.wait()
+    done = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        # 32 concurrent calls per process, as an async app under load makes.
+        await asyncio.gather(*(state.incr("tp") for _ in range(32)))
+        done += 32
+    return done + 1
+
+
+def _incr_fn(info: dict[str, Any], engine: str) -> Callable[[], Any]:
+    if engine == "shared_core manager":
+        state = SharedState(info["manager_url"])
+        return lambda: state.incr("tp")
+    if engine == "shared_core redis unix":
+        state = SharedState(info["redis_unix"])
+        return lambda: state.incr("tp")
+    if engine == "redis-py + hiredis unix":
+        r = redis.Redis(unix_socket_path=info["redis_socket"])
+        return lambda: r.incr("shared_core:bench:v:tp")
+    if engine == "diskcache":
+        import diskcache
+
+        cache = diskcache.Cache(info["diskcache_dir"])
+        return lambda: cache.incr("tp")
+    raise ValueError(engine)
+
+
+def _seed_worker(info: dict[str, Any], locked: bool, seconds: float, start: Any, out: Any) -> None:
+    from multiprocessing.managers import (  # type: ignore[attr-defined]
+        AcquirerProxy,
+        BaseManager,
+        DictProxy,
+    )
+
+    class SeedClient(BaseManager):
+        pass
+
+    SeedClient.register("get_dict", proxytype=DictProxy)
+    SeedClient.register("get_lock", proxytype=AcquirerProxy)
+    m = SeedClient(address=info["seed_address"], authkey=info["authkey"])
+    m.connect()
+    d, lock = m.get_dict(), m.get_lock()  # type: ignore[attr-defined]
+    start.wait()
+    done = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for _ in range(20):
+            if locked:
+                with lock:
+                    d["tp"] += 1
+            else:
+                d["tp"] += 1
+        done += 20
+    out.put(done)
+
+
+def _seed_server(address: str, authkey: bytes, ready: Any) -> None:
+    from multiprocessing.managers import (  # type: ignore[attr-defined]
+        AcquirerProxy,
+        BaseManager,
+        DictProxy,
+    )
+
+    shared: dict[str, int] = {"tp": 0}
+    lock = threading.Lock()
+
+    class SeedServer(BaseManager):
+        pass
+
+    SeedServer.register("get_dict", lambda: shared, DictProxy)
+    SeedServer.register("get_lock", lambda: lock, AcquirerProxy)
+    server = SeedServer(address=address, authkey=authkey).get_server()
+    ready.set()
+    server.serve_forever()
+
+
+THROUGHPUT_ENGINES = [
+    "shared_core manager",
+    "shared_core manager async",
+    "shared_core redis unix",
+    "redis-py + hiredis unix",
+    "seed DictProxy + Lock",
+    "seed DictProxy, no lock",
+    "diskcache",
+]
+
+
+def _count(setup: Setup, engine: str, seed_dict: Any) -> int:
+    if engine.startswith("shared_core manager"):
+        return int(SharedState(setup.manager_url).get("tp", 0))
+    if engine == "shared_core redis unix":
+        return int(SharedState(setup.redis_unix).get("tp", 0))
+    if engine == "redis-py + hiredis unix":
+        r = redis.Redis(unix_socket_path=str(setup.redis.socket))
+        return int(r.get("shared_core:bench:v:tp") or 0)
+    if engine == "diskcache":
+        import diskcache
+
+        return int(diskcache.Cache(setup.diskcache_dir).get("tp", 0))
+    return int(seed_dict["tp"])
+
+
+def _reset(setup: Setup, engine: str, seed_dict: Any) -> None:
+    if engine.startswith("shared_core manager"):
+        SharedState(setup.manager_url).set("tp", 0)
+    elif engine in ("shared_core redis unix", "redis-py + hiredis unix"):
+        SharedState(setup.redis_unix).set("tp", 0)
+    elif engine == "diskcache":
+        import diskcache
+
+        diskcache.Cache(setup.diskcache_dir).set("tp", 0)
+    else:
+        seed_dict["tp"] = 0
+
+
+def throughput(setup: Setup, clients: list[int], seconds: float, rounds: int) -> dict[str, Any]:
+    """Aggregate incr/s of one key from N processes, and the count check."""
+    seed_address = str(setup.workdir / "seed-tp.sock")
+    ready = SPAWN.Event()
+    seed = SPAWN.Process(target=_seed_server, args=(seed_address, setup.authkey, ready))
+    seed.daemon = True
+    seed.start()
+    ready.wait(30)
+
+    from multiprocessing.managers import BaseManager, DictProxy
+
+    class Reader(BaseManager):
+        pass
+
+    Reader.register("get_dict", proxytype=DictProxy)
+    reader = Reader(address=seed_address, authkey=setup.authkey)
+    reader.connect()
+    seed_dict = reader.get_dict()  # type: ignore[attr-defined]
+    info = {
+        "workdir": str(setup.workdir),
+        "manager_url": setup.manager_url,
+        "redis_unix": setup.redis_unix,
+        "redis_socket": str(setup.redis.socket),
+        "diskcache_dir": setup.diskcache_dir,
+        "seed_address": seed_address,
+        "authkey": setup.authkey,
+    }
+    results: dict[str, Any] = {}
+    for r in range(rounds):
+        for n in clients:
+            progress(f"throughput round {r + 1}/{rounds}, {n} clients")
+            for engine in THROUGHPUT_ENGINES:
+                _reset(setup, engine, seed_dict)
+                start, out = SPAWN.Event(), SPAWN.Queue()
+                if engine.startswith("seed"):
+                    locked = engine == "seed DictProxy + Lock"
+                    target: Any = _seed_worker
+                    args: tuple[Any, ...] = (info, locked, seconds, start, out)
+                else:
+                    target, args = _worker, (info, engine, seconds, start, out)
+                procs = [SPAWN.Process(target=target, args=args) for _ in range(n)]
+                for p in procs:
+                    p.start()
+                time.sleep(0.3 + 0.1 * n)  # let them connect before the clock starts
+                start.set()
+                done = sum(out.get(timeout=120) for _ in procs)
+                for p in procs:
+                    p.join(30)
+                counted = _count(setup, engine, seed_dict)
+                row = results.setdefault(engine, {}).setdefault(str(n), [])
+                row.append({"ops_s": done / seconds, "done": done, "counted": counted})
+    seed.terminate()
+    summary: dict[str, Any] = {}
+    for engine, by_n in results.items():
+        for n, rows in by_n.items():
+            rates = [row["ops_s"] for row in rows]
+            summary.setdefault(engine, {})[n] = {
+                "ops_s": statistics.median(rates),
+                "ops_s_min": min(rates),
+                "ops_s_max": max(rates),
+                "done": sum(row["done"] for row in rows),
+                "counted": sum(row["counted"] for row in rows),
+            }
+    return summary
+
+
+# --- scale: latency with many keys, and memory --------------------------------
+
+
+async def _fill_manager(url: str, n: int) -> None:
+    state = AsyncSharedState(url)
+    batch = 2000
+    for start in range(0, n, batch):
+        await asyncio.gather(
+            *(state.set(f"key:{i}", i) for i in range(start, min(n, start + batch)))
+        )
+    await state.aclose()
+
+
+def scale(setup: Setup, sizes: list[int], calls: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    r = redis.Redis(unix_socket_path=str(setup.redis.socket))
+    for n in sizes:
+        progress(f"scale: {n} keys")
+        url = f"local://scale{n}?linger=30"
+        asyncio.run(_fill_manager(url, n))
+        state = SharedState(url)
+        pid = state.info()["pid"]
+        rss = psutil.Process(pid).memory_info().rss
+        incr = time_sync(partial(state.incr, "key:1"), calls)
+        get = time_sync(partial(state.get, "key:2"), calls)
+        results.setdefault("shared_core manager", {})[str(n)] = {
+            "incr_p50_us": incr[0],
+            "get_p50_us": get[0],
+            "rss_mb": rss / 2**20,
+        }
+        # Redis: the same shape of keys, filled through a pipeline.
+        r.flushdb()
+        pipe = r.pipeline(transaction=False)
+        for i in range(n):
+            pipe.set(f"shared_core:scale:v:key:{i}", i)
+            if i % 10000 == 9999:
+                pipe.execute()
+        pipe.execute()
+        rstate = SharedState(f"redis+unix://{setup.redis.socket}?app=scale")
+        incr = time_sync(partial(rstate.incr, "key:1"), calls)
+        get = time_sync(partial(rstate.get, "key:2"), calls)
+        memory = r.info("memory")
+        results.setdefault("shared_core redis unix", {})[str(n)] = {
+            "incr_p50_us": incr[0],
+            "get_p50_us": get[0],
+            "rss_mb": memory["used_memory_rss"] / 2**20,
+        }
+        state.close()
+    return results
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "redis_py": redis.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engines.json"))
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke run")
+    args = parser.parse_args()
+    rounds, calls, seconds = (2, 500, 0.5) if args.quick else (5, 3000, 2.0)
+    sizes = [10, 10_000, 100_000] if args.quick else [10, 10_000, 1_000_000]
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    setup = Setup(workdir)
+    try:
+        info = machine()
+        info["redis_server"] = redis.Redis(unix_socket_path=str(setup.redis.socket)).info("server")[
+            "redis_version"
+        ]
+        results = {
+            "machine": info,
+            "settings": {"rounds": rounds, "calls": calls, "seconds": seconds},
+            "latency": latency(setup, rounds, calls),
+            "throughput": throughput(setup, [1, 2, 4, 8], seconds, max(1, rounds - 2)),
+            "scale": scale(setup, sizes, calls),
+        }
+    finally:
+        setup.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    progress(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

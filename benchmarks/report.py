@@ -1,0 +1,235 @@
+"""Turn the JSON of engines.py and http_load.py into RESULTS.md and PNG plots.
+
+python benchmarks/report.py benchmarks/results
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×" if b else "-"
+
+
+def _check(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def latency_table(lat: dict[str, Any]) -> list[str]:
+    floor = lat["echo"]["incr"]["p50_us"]
+    lines = [
+        "| engine | incr p50 | incr p99 | get p50 | set p50 | incr p50 / echo | spread of incr p50 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for engine, ops in lat.items():
+        incr = ops["incr"]
+        lines.append(
+            f"| {engine} | {incr['p50_us']:.1f} | {incr['p99_us']:.1f} | "
+            f"{ops['get']['p50_us']:.1f} | {ops['set']['p50_us']:.1f} | "
+            f"{_ratio(incr['p50_us'], floor)} | {incr['p50_min_us']:.1f}-{incr['p50_max_us']:.1f} |"
+        )
+    return lines
+
+
+def throughput_table(tp: dict[str, Any]) -> list[str]:
+    clients = list(next(iter(tp.values())).keys())
+    lines = [
+        "| engine | " + " | ".join(f"{n} clients" for n in clients) + " | counted / done |",
+        "|---|" + "---|" * len(clients) + "---|",
+    ]
+    for engine, by_n in tp.items():
+        cells = [
+            f"{row['ops_s'] / 1000:.1f}k ({row['ops_s_min'] / 1000:.1f}-{row['ops_s_max'] / 1000:.1f})"
+            for row in by_n.values()
+        ]
+        counted = sum(row["counted"] for row in by_n.values())
+        done = sum(row["done"] for row in by_n.values())
+        lost = f"{counted}/{done}" + (
+            "" if counted == done else f" (**{1 - counted / done:.0%} lost**)"
+        )
+        lines.append(f"| {engine} | " + " | ".join(cells) + f" | {lost} |")
+    return lines
+
+
+def scale_table(sc: dict[str, Any]) -> list[str]:
+    lines = [
+        "| engine | keys | incr p50 µs | get p50 µs | server RSS MiB |",
+        "|---|---|---|---|---|",
+    ]
+    for engine, by_n in sc.items():
+        for n, row in by_n.items():
+            lines.append(
+                f"| {engine} | {int(n):,} | {row['incr_p50_us']:.1f} | "
+                f"{row['get_p50_us']:.1f} | {row['rss_mb']:.0f} |"
+            )
+    return lines
+
+
+def http_table(http: dict[str, Any]) -> tuple[list[str], list[float]]:
+    lines = [
+        "| pairing | shared req/s | naive req/s | redis req/s | shared / naive | shared p99 ms | naive p99 ms | count check |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ratios = []
+    for pairing, modes in http["pairings"].items():
+        s, n, r = modes["shared"], modes["naive"], modes["redis"]
+        ratio = s["rps"] / n["rps"]
+        ratios.append(ratio)
+        # wrk counts requests answered within its run; up to one per
+        # connection more may have been applied when it stopped.
+        ok = all(
+            m["requests"] <= m["counted"] <= m["requests"] + http["connections"]
+            and not m["non_2xx"]
+            for m in (s, r)
+        )
+        lines.append(
+            f"| {pairing} | {s['rps']:.0f} | {n['rps']:.0f} | {r['rps']:.0f} | {ratio:.0%} | "
+            f"{s['p99_ms']:.1f} | {n['p99_ms']:.1f} | {'exact' if ok else '**off**'} |"
+        )
+    return lines, ratios
+
+
+def plots(results: dict[str, Any], out: Path) -> list[str]:
+    made = []
+    lat = results["engines"]["latency"]
+    names = list(lat)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.barh(names, [lat[n]["incr"]["p50_us"] for n in names], color="#4477aa")
+    ax.set_xlabel("incr p50 latency, µs (lower is better)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=110)
+    made.append("latency.png")
+    tp = results["engines"]["throughput"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for engine, by_n in tp.items():
+        ax.plot(
+            [int(n) for n in by_n],
+            [row["ops_s"] for row in by_n.values()],
+            marker="o",
+            label=engine,
+        )
+    ax.set_xlabel("client processes")
+    ax.set_ylabel("incr/s on one key")
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=110)
+    made.append("throughput.png")
+    if "http" in results:
+        pairings = list(results["http"]["pairings"])
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        width = 0.27
+        for i, mode in enumerate(("shared", "naive", "redis")):
+            values = [results["http"]["pairings"][p][mode]["rps"] for p in pairings]
+            ax.bar([x + (i - 1) * width for x in range(len(pairings))], values, width, label=mode)
+        ax.set_xticks(range(len(pairings)), pairings, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("POST /increment, req/s (4 workers)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "http.png", dpi=110)
+        made.append("http.png")
+    plt.close("all")
+    return made
+
+
+def main() -> None:
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
+    results: dict[str, Any] = {"engines": json.loads((folder / "engines.json").read_text())}
+    if (folder / "http.json").exists():
+        results["http"] = json.loads((folder / "http.json").read_text())
+    eng = results["engines"]
+    lat, tp, sc = eng["latency"], eng["throughput"], eng["scale"]
+    m, st = eng["machine"], eng["settings"]
+    floor = lat["echo"]["incr"]["p50_us"]
+    manager = lat["shared_core manager"]["incr"]["p50_us"]
+    hiredis = lat["redis-py + hiredis unix"]["incr"]["p50_us"]
+    manager_async = lat["shared_core manager async"]["incr"]["p50_us"]
+    uv = lat.get("shared_core manager async, uvloop")
+    uvloop_note = (
+        f"; on uvloop {_ratio(uv['incr']['p50_us'], manager)} ({uv['incr']['p50_us']:.1f} µs)"
+        if uv
+        else ""
+    )
+    tp4 = tp["shared_core manager"]["4"]["ops_s"]
+    seed4 = tp["seed DictProxy + Lock"]["4"]["ops_s"]
+    sizes = list(sc["shared_core manager"])
+    small, big = sc["shared_core manager"][sizes[0]], sc["shared_core manager"][sizes[-1]]
+    flat = big["incr_p50_us"] / small["incr_p50_us"]
+
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Measured {m['date']} on {m['cpus']} CPUs ({m['cpu']}), {m['memory_gb']} GiB, "
+        f"{m['platform']}; Python {m['python']}, redis-py {m['redis_py']}, "
+        f"redis-server {m.get('redis_server', '?')}. Every figure is a median over "
+        f"{st['rounds']} rounds run interleaved in one process ({st['calls']} calls each for "
+        f"latency, {st['seconds']} s per throughput point); the spread is min-max over rounds. "
+        "Client and servers share the machine's cores, unpinned. Re-run with `tox -e bench`.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+        f"| manager `incr` p50 ≤ 1.25× the echo floor | {_ratio(manager, floor)} "
+        f"({manager:.1f} vs {floor:.1f} µs) | {_check(manager <= 1.25 * floor)} |",
+        f"| manager `incr` p50 ≤ redis-py + hiredis, Unix socket | {_ratio(manager, hiredis)} "
+        f"({manager:.1f} vs {hiredis:.1f} µs) | {_check(manager <= hiredis)} |",
+        f"| throughput at 4 clients ≥ 4× seeds' DictProxy + Lock | {_ratio(tp4, seed4)} "
+        f"({tp4 / 1000:.1f}k vs {seed4 / 1000:.1f}k/s) | {_check(tp4 >= 4 * seed4)} |",
+        f"| async `incr` p50 ≤ 1.5× sync | {_ratio(manager_async, manager)} "
+        f"({manager_async:.1f} vs {manager:.1f} µs){uvloop_note} | "
+        f"{_check(manager_async <= 1.5 * manager)} |",
+        f"| latency flat from {int(sizes[0]):,} to {int(sizes[-1]):,} keys | incr p50 "
+        f"{small['incr_p50_us']:.1f} → {big['incr_p50_us']:.1f} µs ({flat:.2f}×) | "
+        f"{_check(flat <= 1.25)} |",
+    ]
+    if "http" in results:
+        table, ratios = http_table(results["http"])
+        lines.append(
+            f"| HTTP `/increment` shared ≥ 85% of naive, every pairing | "
+            f"{min(ratios):.0%} to {max(ratios):.0%} | {_check(min(ratios) >= 0.85)} |"
+        )
+    lines += ["", "## Latency, one client (µs)", "", *latency_table(lat), ""]
+    lines += ["![latency](latency.png)", ""]
+    lines += ["## Throughput: `incr` of one key from N client processes", ""]
+    lines += [*throughput_table(tp), "", "![throughput](throughput.png)", ""]
+    lines += [
+        "The async row runs 32 concurrent calls per process, pipelined on one "
+        "connection. *counted / done* checks the final count against the "
+        "increments the clients made; the seeds' approach without its lock loses "
+        "updates as soon as two processes write.",
+        "",
+        "## Scale: latency with many keys, and the server's memory",
+        "",
+        *scale_table(sc),
+        "",
+    ]
+    if "http" in results:
+        h = results["http"]
+        lines += [
+            f"## HTTP: `POST /increment`, {h['workers']} workers, wrk with "
+            f"{h['connections']} connections for {h['seconds']} s",
+            "",
+            *table,
+            "",
+            "![http](http.png)",
+            "",
+        ]
+    out = folder.parent
+    made = plots(results, out)
+    (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / 'RESULTS.md'} and {', '.join(made)}")
+
+
+if __name__ == "__main__":
+    main()
