@@ -95,6 +95,13 @@ class Setup:
         self.seed_lock = self.seed_manager.Lock()
         self.diskcache_dir = str(workdir / "diskcache")
 
+    def server_pids(self) -> list[int]:
+        assert self.redis.proc is not None
+        assert self.echo.pid is not None
+        manager = SharedState(self.manager_url).info()["pid"]
+        seed = self.seed_manager._process.pid  # type: ignore[attr-defined]
+        return [self.redis.proc.pid, self.echo.pid, manager, seed]
+
     def close(self) -> None:
         self.seed_manager.shutdown()
         self.redis.stop()
@@ -525,16 +532,29 @@ def main() -> None:
     rounds, calls, seconds = (2, 500, 0.5) if args.quick else (5, 3000, 2.0)
     sizes = [10, 10_000, 100_000] if args.quick else [10, 10_000, 1_000_000]
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    all_cpus = os.sched_getaffinity(0)
+    # Latency: client and every server on one core, as in DESIGN.md, so that
+    # cross-core wake-ups (45-50 µs here) do not drown the differences.
+    os.sched_setaffinity(0, {min(all_cpus)})
     setup = Setup(workdir)
     try:
         info = machine()
-        info["redis_server"] = redis.Redis(unix_socket_path=str(setup.redis.socket)).info("server")[
-            "redis_version"
-        ]
+        server_info = redis.Redis(unix_socket_path=str(setup.redis.socket)).info("server")
+        info["redis_server"] = server_info["redis_version"]
+        lat = latency(setup, rounds, calls)
+        # Throughput and scale: every core, for the clients and the servers.
+        os.sched_setaffinity(0, all_cpus)
+        for pid in setup.server_pids():
+            os.sched_setaffinity(pid, all_cpus)
         results = {
             "machine": info,
-            "settings": {"rounds": rounds, "calls": calls, "seconds": seconds},
-            "latency": latency(setup, rounds, calls),
+            "settings": {
+                "rounds": rounds,
+                "calls": calls,
+                "seconds": seconds,
+                "latency_pinned_to_one_core": True,
+            },
+            "latency": lat,
             "throughput": throughput(setup, [1, 2, 4, 8], seconds, max(1, rounds - 2)),
             "scale": scale(setup, sizes, calls),
         }

@@ -174,7 +174,8 @@ def main() -> None:
         f"redis-server {m.get('redis_server', '?')}. Every figure is a median over "
         f"{st['rounds']} rounds run interleaved in one process ({st['calls']} calls each for "
         f"latency, {st['seconds']} s per throughput point); the spread is min-max over rounds. "
-        "Client and servers share the machine's cores, unpinned. Re-run with `tox -e bench`.",
+        "Latency: the client and every server pinned to one core (as in DESIGN.md); "
+        "throughput and scale: all cores, unpinned. Re-run with `tox -e bench`.",
         "",
         "## Targets",
         "",

@@ -241,3 +241,30 @@ def test_async_lock_is_released_when_the_waiting_task_is_cancelled(url: str) -> 
             await asyncio.sleep(3600)
 
     asyncio.run(main())
+
+
+def test_the_async_api_works_on_uvloop(url: str) -> None:
+    # uvicorn runs on uvloop whenever it is installed (uvicorn[standard]).
+    import uvloop
+
+    async def main() -> list[Any]:
+        state = AsyncSharedState(url)
+        got = []
+        async with state.subscribe("c") as messages:
+            numbers = await asyncio.gather(*(state.incr("n") for _ in range(50)))
+            async with state.lock("L", timeout=5):
+                async with state.mutate("cfg", {}) as cfg:
+                    cfg["a"] = sorted(numbers)
+            await state.publish("c", "hi")
+            async for _, message in messages:
+                got.append(message)
+                break
+        got.append((await state.get("cfg"))["a"])
+        await state.aclose()
+        return got
+
+    loop = uvloop.new_event_loop()
+    try:
+        assert loop.run_until_complete(main()) == ["hi", list(range(1, 51))]
+    finally:
+        loop.close()

@@ -23,7 +23,7 @@ import threading
 import weakref
 from collections import deque
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 from ._codec import PickleCodec
 from ._config import Config
@@ -215,8 +215,8 @@ class _Pipe(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, hence the cast.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
