@@ -474,40 +474,51 @@ async def _fill_manager(url: str, n: int) -> None:
     await state.aclose()
 
 
-def scale(setup: Setup, sizes: list[int], calls: int) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    r = redis.Redis(unix_socket_path=str(setup.redis.socket))
+def scale(setup: Setup, sizes: list[int], calls: int, rounds: int) -> dict[str, Any]:
+    """incr/get p50 with N keys stored, each size in its own server, measured
+    in interleaved rounds on one core like the latency; and the server's RSS."""
+    r = redis.Redis(unix_socket_path=str(setup.redis.socket), db=0)
+    states: dict[tuple[str, int], SharedState] = {}
+    redis_rss: dict[int, float] = {}
     for n in sizes:
-        progress(f"scale: {n} keys")
-        url = f"local://scale{n}?linger=30"
+        progress(f"scale: filling {n:,} keys")
+        url = f"local://scale{n}?linger=60"
         asyncio.run(_fill_manager(url, n))
-        state = SharedState(url)
-        pid = state.info()["pid"]
-        rss = psutil.Process(pid).memory_info().rss
-        incr = time_sync(partial(state.incr, "key:1"), calls)
-        get = time_sync(partial(state.get, "key:2"), calls)
-        results.setdefault("shared_core manager", {})[str(n)] = {
-            "incr_p50_us": incr[0],
-            "get_p50_us": get[0],
-            "rss_mb": rss / 2**20,
-        }
-        # Redis: the same shape of keys, filled through a pipeline.
-        r.flushdb()
-        pipe = r.pipeline(transaction=False)
+        states["shared_core manager", n] = SharedState(url)
+        # Redis: one database per size, filled through a pipeline.
+        db = sizes.index(n) + 1
+        rdb = redis.Redis(unix_socket_path=str(setup.redis.socket), db=db)
+        rdb.flushdb()
+        pipe = rdb.pipeline(transaction=False)
         for i in range(n):
             pipe.set(f"shared_core:scale:v:key:{i}", i)
             if i % 10000 == 9999:
                 pipe.execute()
         pipe.execute()
-        rstate = SharedState(f"redis+unix://{setup.redis.socket}?app=scale")
-        incr = time_sync(partial(rstate.incr, "key:1"), calls)
-        get = time_sync(partial(rstate.get, "key:2"), calls)
-        memory = r.info("memory")
-        results.setdefault("shared_core redis unix", {})[str(n)] = {
-            "incr_p50_us": incr[0],
-            "get_p50_us": get[0],
-            "rss_mb": memory["used_memory_rss"] / 2**20,
+        redis_url = f"redis+unix://{setup.redis.socket}?app=scale&db={db}"
+        states["shared_core redis unix", n] = SharedState(redis_url)
+        # One Redis holds every size: its RSS after this fill is cumulative.
+        redis_rss[n] = r.info("memory")["used_memory_rss"] / 2**20
+    samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for i in range(rounds):
+        progress(f"scale round {i + 1}/{rounds}")
+        for key, state in states.items():
+            incr = time_sync(partial(state.incr, "key:1"), calls)[0]
+            get = time_sync(partial(state.get, "key:2"), calls)[0]
+            samples.setdefault(key, []).append((incr, get))
+    results: dict[str, Any] = {}
+    for (engine, n), rows in samples.items():
+        if engine == "shared_core manager":
+            pid = states[engine, n].info()["pid"]
+            rss = psutil.Process(pid).memory_info().rss / 2**20
+        else:
+            rss = redis_rss[n]
+        results.setdefault(engine, {})[str(n)] = {
+            "incr_p50_us": statistics.median(incr for incr, _ in rows),
+            "get_p50_us": statistics.median(get for _, get in rows),
+            "rss_mb": rss,
         }
+    for state in states.values():
         state.close()
     return results
 
@@ -542,7 +553,8 @@ def main() -> None:
         server_info = redis.Redis(unix_socket_path=str(setup.redis.socket)).info("server")
         info["redis_server"] = server_info["redis_version"]
         lat = latency(setup, rounds, calls)
-        # Throughput and scale: every core, for the clients and the servers.
+        scaled = scale(setup, sizes, calls, rounds)
+        # Throughput: every core, for the clients and the servers.
         os.sched_setaffinity(0, all_cpus)
         for pid in setup.server_pids():
             os.sched_setaffinity(pid, all_cpus)
@@ -552,11 +564,11 @@ def main() -> None:
                 "rounds": rounds,
                 "calls": calls,
                 "seconds": seconds,
-                "latency_pinned_to_one_core": True,
+                "latency_and_scale_pinned_to_one_core": True,
             },
             "latency": lat,
             "throughput": throughput(setup, [1, 2, 4, 8], seconds, max(1, rounds - 2)),
-            "scale": scale(setup, sizes, calls),
+            "scale": scaled,
         }
     finally:
         setup.close()

@@ -174,8 +174,8 @@ def main() -> None:
         f"redis-server {m.get('redis_server', '?')}. Every figure is a median over "
         f"{st['rounds']} rounds run interleaved in one process ({st['calls']} calls each for "
         f"latency, {st['seconds']} s per throughput point); the spread is min-max over rounds. "
-        "Latency: the client and every server pinned to one core (as in DESIGN.md); "
-        "throughput and scale: all cores, unpinned. Re-run with `tox -e bench`.",
+        "Latency and scale: the client and every server pinned to one core (as in "
+        "DESIGN.md); throughput: all cores, unpinned. Re-run with `tox -e bench`.",
         "",
         "## Targets",
         "",
@@ -213,6 +213,9 @@ def main() -> None:
         "## Scale: latency with many keys, and the server's memory",
         "",
         *scale_table(sc),
+        "",
+        "Each size has a state server of its own (Redis: a database of its own in one "
+        "server, whose RSS is therefore cumulative).",
         "",
     ]
     if "http" in results:

@@ -64,8 +64,18 @@ class Pairing:
         return cls(framework, server, "gthread" in extra, "redis" in extra)
 
     @property
+    def name(self) -> str:
+        extra = ("-gthread" if self.gthread else "") + ("-redis" if self.redis else "")
+        return f"{self.framework}-{self.server}{extra}"
+
+    @property
+    def app_name(self) -> str:
+        """The app's package, which is also its APP_NAME (its state's name)."""
+        return APPS[self.framework][0]
+
+    @property
     def app_dir(self) -> Path:
-        return ROOT / "apps" / APPS[self.framework][0]
+        return ROOT / "apps" / self.app_name
 
     def command(self, port: int, workers: int, max_requests: int) -> list[str]:
         target = APPS[self.framework][1]
@@ -92,16 +102,67 @@ class Pairing:
         return [*cmd, target]
 
 
+ALL_PAIRINGS = [
+    "flask-gunicorn", "flask-gunicorn-gthread", "flask-hypercorn",
+    "quart-hypercorn", "quart-uvicorn", "quart-gunicorn",
+    "fastapi-uvicorn", "fastapi-hypercorn", "fastapi-gunicorn",
+    "flask-gunicorn-redis", "quart-hypercorn-redis", "fastapi-uvicorn-redis",
+]  # fmt: skip
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--pairing", default=os.environ.get("PAIRING"))
+    parser.addoption(
+        "--pairing",
+        default=os.environ.get("PAIRING"),
+        help="FRAMEWORK-SERVER[-gthread][-redis], a comma-separated list, or 'all'",
+    )
 
 
-@pytest.fixture(scope="session")
-def pairing(pytestconfig: pytest.Config) -> Pairing:
-    name = pytestconfig.getoption("pairing")
-    if not name:
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "pairing" not in metafunc.fixturenames:
+        return
+    names = metafunc.config.getoption("pairing")
+    if not names:
         raise pytest.UsageError("set $PAIRING or --pairing, e.g. flask-gunicorn")
-    return Pairing.parse(name)
+    chosen = ALL_PAIRINGS if names == "all" else names.split(",")
+    pairings = [Pairing.parse(name) for name in chosen]
+    metafunc.parametrize("pairing", pairings, ids=chosen, scope="session")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the pairings a test marked ``only(framework=..., redis=...)`` is not for."""
+    keep, drop = [], []
+    for item in items:
+        marker = item.get_closest_marker("only")
+        callspec = getattr(item, "callspec", None)
+        pairing = callspec.params.get("pairing") if callspec else None
+        if (
+            marker
+            and isinstance(pairing, Pairing)
+            and not all(getattr(pairing, k) == v for k, v in marker.kwargs.items())
+        ):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+# Rows of the table the chaos tests print at the end of the run.
+CHAOS_ROWS: list[dict[str, Any]] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not CHAOS_ROWS:
+        return
+    columns = ["scenario", "pairing", "faults", "sent", "acknowledged", "counted", "lost"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in CHAOS_ROWS)) for c in columns}
+    terminalreporter.section("fault injection")
+    terminalreporter.write_line(" | ".join(c.ljust(widths[c]) for c in columns))
+    terminalreporter.write_line("-+-".join("-" * widths[c] for c in columns))
+    for row in CHAOS_ROWS:
+        terminalreporter.write_line(" | ".join(str(row[c]).ljust(widths[c]) for c in columns))
 
 
 def free_port() -> int:

@@ -18,10 +18,11 @@ from shared_core import StateUnavailable
 
 from .counters import Counters, attach_counters
 from .sessions import SharedSecretSessions
-from .settings import MAX_BODY, MAX_BY, Settings
+from .settings import MAX_BODY, MAX_BY, MAX_JOB_SECONDS, Settings
 
 KeyParam = Annotated[str, Query(pattern=r"^[A-Za-z0-9_.:-]+$", min_length=1, max_length=64)]
 ByParam = Annotated[int, Query(ge=1, le=MAX_BY)]
+SecondsParam = Annotated[int, Query(ge=0, le=MAX_JOB_SECONDS)]
 
 
 def get_counters(request: Request) -> Counters:
@@ -95,6 +96,18 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         await counters.reset(key)
         return {"count": 0, "key": key, "pid": os.getpid()}
 
+    @app.post("/jobs/report", responses={409: {"description": "already running"}})
+    async def run_job(counters: CountersDep, seconds: SecondsParam = 1) -> Any:
+        # Only one worker of the deployment may run it at a time.
+        if not await counters.run_job(seconds):
+            error = {"error": "the report job is already running in another worker"}
+            return JSONResponse(error, status_code=409)
+        return {"ran": True, "seconds": seconds, "pid": os.getpid()}
+
+    @app.get("/jobs/report")
+    async def job_status(counters: CountersDep) -> dict[str, Any]:
+        return {"holder": await counters.job_holder(), "pid": os.getpid()}
+
     @app.get("/healthz")
     async def healthz(counters: CountersDep) -> dict[str, Any]:
         await counters.ping()
@@ -107,17 +120,20 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         request.session["visits"] = request.session.get("visits", 0) + 1
         return {"visits": request.session["visits"], "pid": os.getpid()}
 
-    @app.get("/", response_class=HTMLResponse)
-    async def index(request: Request) -> str:
+    @app.api_route(
+        "/",
+        methods=["GET", "POST"],
+        response_class=HTMLResponse,
+        responses={303: {"description": "POST counts you, then shows the page"}},
+    )
+    async def index(request: Request, counters: CountersDep) -> Any:
+        if request.method == "POST":
+            number = await counters.incr("visitors", 1)
+            request.session.setdefault("flash", []).append(f"You are visitor number {number}.")
+            return RedirectResponse("/", status_code=303)
         messages = request.session.pop("flash", [])
         flashes = "".join(f'<p class="flash">{html.escape(m)}</p>' for m in messages)
-        return PAGE.format(mode=mode, flashes=flashes, pid=os.getpid())
-
-    @app.post("/")
-    async def count_me(request: Request, counters: CountersDep) -> RedirectResponse:
-        number = await counters.incr("visitors", 1)
-        request.session.setdefault("flash", []).append(f"You are visitor number {number}.")
-        return RedirectResponse("/", status_code=303)
+        return HTMLResponse(PAGE.format(mode=mode, flashes=flashes, pid=os.getpid()))
 
 
 PAGE = """<!doctype html>

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Protocol
 
-from shared_core import AsyncSharedState, StateUnavailable
+from shared_core import AsyncSharedState, LockTimeout, StateUnavailable
 
 from .settings import APP_NAME, Settings
 
@@ -30,6 +31,8 @@ class Counters(Protocol):
     async def ping(self) -> None: ...
     async def listen(self) -> None: ...
     async def reload(self) -> int: ...
+    async def run_job(self, seconds: int) -> bool: ...
+    async def job_holder(self) -> int | None: ...
 
 
 class SharedCounters:
@@ -56,6 +59,21 @@ class SharedCounters:
         await self.state.publish("reload", {"generation": generation})
         return generation
 
+    async def run_job(self, seconds: int) -> bool:
+        """Run the report job here unless a worker is already running it."""
+        try:
+            async with self.state.lock("job:report", timeout=0):
+                await self.state.set("job:report:holder", os.getpid())
+                await asyncio.sleep(seconds)  # the work; a worker killed here frees the lock
+                return True
+        except LockTimeout:
+            return False
+
+    async def job_holder(self) -> int | None:
+        """The pid of the worker that last started the job."""
+        holder = await self.state.get("job:report:holder")
+        return None if holder is None else int(holder)
+
     async def _catch_up(self) -> None:
         # Broadcasts sent while this worker was not subscribed are missed:
         # the generation in the state is the truth.
@@ -81,6 +99,8 @@ class NaiveCounters:
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
         self.generation = 0
+        self.holder: int | None = None
+        self._job = asyncio.Lock()
 
     async def incr(self, key: str, by: int) -> int:
         value = self.counts.get(key, 0) + by
@@ -104,6 +124,18 @@ class NaiveCounters:
         # Reaches only the worker that got the request: the bug of seed 002.
         self.generation += 1
         return self.generation
+
+    async def run_job(self, seconds: int) -> bool:
+        # A lock per worker: other workers run the "only once" job too.
+        if self._job.locked():
+            return False
+        async with self._job:
+            self.holder = os.getpid()
+            await asyncio.sleep(seconds)
+            return True
+
+    async def job_holder(self) -> int | None:
+        return self.holder
 
 
 @asynccontextmanager

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 APP_NAME = "fastapi_counter"
 MAX_BY = 1000
 MAX_BODY = 16 * 1024
+MAX_JOB_SECONDS = 30
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,11 @@ acted on. ``reload()`` tells every worker to act, through a broadcast.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any, Protocol
 
-from shared_core import SharedState, Subscription
+from shared_core import LockTimeout, SharedState, Subscription
 
 
 class Counters(Protocol):
@@ -23,6 +24,8 @@ class Counters(Protocol):
     def ping(self) -> None: ...
     def listen(self) -> None: ...
     def reload(self) -> int: ...
+    def run_job(self, seconds: int) -> bool: ...
+    def job_holder(self) -> int | None: ...
 
 
 class SharedCounters:
@@ -48,6 +51,21 @@ class SharedCounters:
         generation = self.state.incr("config:generation")
         self.state.publish("reload", {"generation": generation})
         return generation
+
+    def run_job(self, seconds: int) -> bool:
+        """Run the report job here unless a worker is already running it."""
+        try:
+            with self.state.lock("job:report", timeout=0):
+                self.state.set("job:report:holder", os.getpid())
+                time.sleep(seconds)  # the work; a worker killed here frees the lock
+                return True
+        except LockTimeout:
+            return False
+
+    def job_holder(self) -> int | None:
+        """The pid of the worker that last started the job."""
+        holder = self.state.get("job:report:holder")
+        return None if holder is None else int(holder)
 
     def _on_reload(self, channel: str, message: Any) -> None:
         self.generation = max(self.generation, int(message["generation"]))
@@ -76,6 +94,8 @@ class NaiveCounters:
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
         self.generation = 0
+        self.holder: int | None = None
+        self._job = threading.Lock()
 
     def incr(self, key: str, by: int) -> int:
         value = self.counts.get(key, 0) + by
@@ -99,3 +119,17 @@ class NaiveCounters:
         # Reaches only the worker that got the request: the bug of seed 002.
         self.generation += 1
         return self.generation
+
+    def run_job(self, seconds: int) -> bool:
+        # A lock per worker: other workers run the "only once" job too.
+        if not self._job.acquire(blocking=False):
+            return False
+        try:
+            self.holder = os.getpid()
+            time.sleep(seconds)
+            return True
+        finally:
+            self._job.release()
+
+    def job_holder(self) -> int | None:
+        return self.holder

@@ -30,6 +30,7 @@ from .counters import Counters, NaiveCounters, SharedCounters
 APP_NAME = "quart_counter"
 KEY_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MAX_BY = 1000
+MAX_JOB_SECONDS = 30
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Quart:
@@ -113,6 +114,13 @@ def _params() -> tuple[str, int]:
     return key, int(raw)
 
 
+def _job_seconds() -> int:
+    raw = request.args.get("seconds", "1")
+    if not re.fullmatch(r"[0-9]{1,2}", raw) or int(raw) > MAX_JOB_SECONDS:
+        raise BadInput(f"seconds must be a whole number from 0 to {MAX_JOB_SECONDS}")
+    return int(raw)
+
+
 def register_routes(app: Quart, counters: Counters) -> None:
     mode = app.config["COUNTER_MODE"]
 
@@ -143,6 +151,18 @@ def register_routes(app: Quart, counters: Counters) -> None:
         key, _ = _params()
         await counters.reset(key)
         return {"count": 0, "key": key, "pid": os.getpid()}
+
+    @app.post("/jobs/report")
+    async def run_job() -> Any:
+        # Only one worker of the deployment may run it at a time.
+        seconds = _job_seconds()
+        if not await counters.run_job(seconds):
+            return {"error": "the report job is already running in another worker"}, 409
+        return {"ran": True, "seconds": seconds, "pid": os.getpid()}
+
+    @app.get("/jobs/report")
+    async def job_status() -> Any:
+        return {"holder": await counters.job_holder(), "pid": os.getpid()}
 
     @app.get("/healthz")
     async def healthz() -> Any:

@@ -38,11 +38,14 @@ class RedisServer:
         workdir: a private directory for the socket; keep its path short
             (a Unix socket path has at most 107 bytes).
         port: also listen on this TCP port of 127.0.0.1 (0: no TCP).
+        durable: keep an append-only file, fsynced on every write, so that
+            a SIGKILL loses nothing acknowledged (and a restart keeps it).
     """
 
-    def __init__(self, workdir: Path, port: int = 0) -> None:
+    def __init__(self, workdir: Path, port: int = 0, durable: bool = False) -> None:
         self.workdir = workdir
         self.port = port
+        self.durable = durable
         self.socket = workdir / "redis.sock"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -57,7 +60,8 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1",
              "--unixsocket", str(self.socket),
-             "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
+             "--unixsocketperm", "700", "--save", "",
+             "--appendonly", "yes" if self.durable else "no", "--appendfsync", "always",
              "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip

@@ -1,0 +1,462 @@
+"""Fault injection: kill workers, the state server and lock holders under load.
+
+Run by ``tox -e chaos`` (every pairing; CI a representative subset). Each
+scenario adds a row to the table printed at the end: what was injected, how
+many requests were sent and acknowledged (HTTP 200), what the state counted,
+and how many acknowledged increments were lost (must be 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from conftest import (
+    CHAOS_ROWS,
+    Deployment,
+    Outcome,
+    Pairing,
+    hammer,
+    state_servers,
+)
+from shared_core.testing import RedisServer, wait_for
+
+pytestmark = pytest.mark.chaos
+
+CLIENTS = 100
+
+
+def record(scenario: str, pairing: Pairing, faults: str, outcome: Outcome, counted: int) -> int:
+    """Add a table row; return how many acknowledged increments were lost."""
+    acked = [body["count"] for body in outcome.ok if "count" in body]
+    sent = len(outcome.replies) + len(outcome.errors)
+    # Numbers are handed out once each; an acknowledged one above the final
+    # count, or one handed out twice, is an acknowledged increment lost.
+    lost = len(acked) - len({n for n in acked if n <= counted})
+    CHAOS_ROWS.append(
+        {
+            "scenario": scenario,
+            "pairing": pairing.name,
+            "faults": faults,
+            "sent": sent,
+            "acknowledged": len(acked),
+            "counted": counted,
+            "lost": lost,
+        }
+    )
+    return lost
+
+
+def workers(d: Deployment) -> list[psutil.Process]:
+    """The app server's worker processes (not helpers such as a resource tracker)."""
+    master = psutil.Process(d.proc.pid)
+    return [
+        p
+        for p in master.children()
+        if "resource_tracker" not in " ".join(p.cmdline()) and p.status() != "zombie"
+    ]
+
+
+def final_count(d: Deployment) -> int:
+    counts: list[int] = []
+
+    def ask() -> bool:
+        try:
+            r = httpx.get(f"{d.url}/report", timeout=10)
+        except httpx.TransportError:
+            return False
+        if r.status_code == 200:
+            counts.append(int(r.json()["count"]))
+        return bool(counts)
+
+    wait_for(ask, 30, "a /report answer")
+    return counts[-1]
+
+
+def stop_and_check_clean(d: Deployment) -> None:
+    """Scenario 8: after the app server stops, neither it nor a state server remains."""
+    group = d.proc.pid
+    d.stop()
+    wait_for(lambda: not state_servers(d.runtime_dir), 15, "the state server to leave")
+
+    def leftovers() -> list[psutil.Process]:
+        # A zombie has let go of everything; init reaps it in a moment.
+        return [
+            p
+            for p in psutil.process_iter(["status"])
+            if _pgid(p.pid) == group and p.info["status"] != psutil.STATUS_ZOMBIE
+        ]
+
+    wait_for(lambda: not leftovers(), 10, f"the app server's processes to end: {leftovers()}")
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+@pytest.fixture
+def redis_for_chaos() -> Iterator[RedisServer]:
+    """A durable redis-server of its own (appendfsync always), to kill at will."""
+    workdir = Path(tempfile.mkdtemp(prefix="cr-"))
+    server = RedisServer(workdir, durable=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def chaos_url(pairing: Pairing, request: pytest.FixtureRequest, **query: Any) -> str | None:
+    """The state URL of a chaos deployment: the embedded default, or Redis."""
+    if not pairing.redis:
+        if not query:
+            return None
+        return "local://chaos?" + "&".join(f"{k}={v}" for k, v in query.items())
+    redis: RedisServer = request.getfixturevalue("redis_for_chaos")
+    return f"redis+unix://{redis.socket}?app=chaos&lock_lease=2"
+
+
+# 1 -------------------------------------------------------------------------
+
+
+def test_worker_sigkill_under_load(
+    launch: Any, pairing: Pairing, request: pytest.FixtureRequest
+) -> None:
+    total = 2500
+    if pairing.server == "hypercorn":
+        # hypercorn stops the whole server when a worker exits non-zero (by
+        # design), so a SIGKILL cannot be survived there: recycle instead.
+        d = launch(state_url=chaos_url(pairing, request), max_requests=30)
+        outcome = hammer(d.url, "/increment", total, CLIENTS)
+        faults = f"recycling, {len(outcome.pids) - 4}+ new workers"
+    else:
+        d = launch(state_url=chaos_url(pairing, request))
+        kills: list[int] = []
+        stop = threading.Event()
+
+        def killer() -> None:
+            while len(kills) < 4 and not stop.wait(0.4):
+                alive = workers(d)
+                if alive:
+                    victim = random.choice(alive)
+                    victim.send_signal(signal.SIGKILL)
+                    kills.append(victim.pid)
+
+        thread = threading.Thread(target=killer)
+        thread.start()
+        try:
+            outcome = hammer(d.url, "/increment", total, CLIENTS)
+        finally:
+            stop.set()
+            thread.join()
+        assert len(kills) >= 3, f"only {len(kills)} workers were killed during the load"
+        faults = f"{len(kills)} workers SIGKILLed"
+    statuses = Counter(s for s, _ in outcome.replies)
+    assert set(statuses) <= {200}, d.explain(f"statuses: {statuses}")
+    counted = final_count(d)
+    acked = [b["count"] for b in outcome.ok]
+    assert len(acked) == len(set(acked)), "a number was handed out twice"
+    assert len(acked) <= counted <= total, (len(acked), counted)
+    assert record("worker SIGKILL under load", pairing, faults, outcome, counted) == 0
+    stop_and_check_clean(d)
+
+
+# 2 -------------------------------------------------------------------------
+
+
+def test_recycling_storm(launch: Any, pairing: Pairing, request: pytest.FixtureRequest) -> None:
+    d = launch(state_url=chaos_url(pairing, request), max_requests=20)
+    outcome = hammer(d.url, "/increment", 5000, CLIENTS, resend_dropped=True)
+    counted = final_count(d)
+    acked = sorted(b["count"] for b in outcome.ok)
+    assert len(acked) == 5000, d.explain(f"errors: {outcome.errors[:3]}")
+    assert len(set(acked)) == 5000
+    if pairing.server == "hypercorn":
+        # See test_worker_recycling_keeps_the_count_exact: hypercorn may drop
+        # the response of a request it ran; each extra count is such a one.
+        assert 5000 <= counted <= 5000 + len(outcome.errors)
+    else:
+        assert acked == list(range(1, 5001))
+        assert counted == 5000
+    faults = f"max-requests 20: {len(outcome.pids)} workers in all"
+    assert record("recycling storm", pairing, faults, outcome, counted) == 0
+    stop_and_check_clean(d)
+
+
+# 3 -------------------------------------------------------------------------
+
+
+def test_state_server_sigkill(
+    launch: Any, pairing: Pairing, request: pytest.FixtureRequest
+) -> None:
+    # Persistence on (a snapshot every 0.2 s; Redis: append-only, fsync always).
+    url = chaos_url(pairing, request, persist=1, snapshot_interval=0.2)
+    d = launch(state_url=url)
+    before = hammer(d.url, "/increment", 500, 50)
+    assert len(before.ok) == 500, d.explain(str(before.errors[:3]))
+    time.sleep(0.6)  # a snapshot of all 500 exists now
+    if pairing.redis:
+        redis: RedisServer = request.getfixturevalue("redis_for_chaos")
+        redis.kill()
+        restart = threading.Timer(1.0, redis.start)
+        restart.start()
+    else:
+        (server,) = state_servers(d.runtime_dir)
+        server.kill()
+    started = time.monotonic()
+    during = hammer(d.url, "/increment", 300, 30)
+    took = time.monotonic() - started
+    if pairing.redis:
+        restart.join()
+    statuses = Counter(s for s, _ in during.replies)
+    # Only answers that say what happened: 200, or 503 while it is away.
+    assert set(statuses) <= {200, 503}, d.explain(f"statuses: {statuses}")
+    assert not during.errors, during.errors[:3]
+    assert took < 30, f"300 requests took {took:.1f}s: something hung"
+    after = hammer(d.url, "/increment", 50, 10)
+    assert {s for s, _ in after.replies} == {200}, d.explain(str(after.replies[:3]))
+    counted = final_count(d)
+    outcome = Outcome(before.replies + during.replies + after.replies, [])
+    acked = len(outcome.ok)
+    # Nothing acknowledged before the last snapshot is lost, and nothing after.
+    assert counted >= acked, f"{acked} acknowledged, {counted} counted"
+    faults = "state server SIGKILLed" + (", restarted" if pairing.redis else ", replaced")
+    assert record("state server SIGKILL", pairing, faults, outcome, counted) == 0
+    print(f"{pairing.name}: {statuses[503]} of 300 requests got 503 while it was away")
+    stop_and_check_clean(d)
+
+
+# 4 -------------------------------------------------------------------------
+
+
+def test_startup_race_of_16_workers(
+    launch: Any, pairing: Pairing, request: pytest.FixtureRequest
+) -> None:
+    d = launch(state_url=chaos_url(pairing, request), workers=16)
+    outcome = hammer(d.url, "/increment", 400, 50)
+    servers = state_servers(d.runtime_dir)
+    assert len(servers) == (0 if pairing.redis else 1), f"state servers: {servers}"
+    counted = final_count(d)
+    assert sorted(b["count"] for b in outcome.ok) == list(range(1, 401))
+    faults = f"16 workers at once, {len(servers)} state server"
+    assert record("startup race", pairing, faults, outcome, counted) == 0
+    stop_and_check_clean(d)
+
+
+# 5 -------------------------------------------------------------------------
+
+
+def test_lock_holder_death(launch: Any, pairing: Pairing, explicit_state: Any) -> None:
+    # The state lives outside the app server, so that it outlives hypercorn,
+    # which stops altogether when one of its workers dies.
+    url = explicit_state.url
+    if pairing.redis:
+        url += "&lock_lease=2"
+    d = launch(state_url=url)
+    holder_request = threading.Thread(
+        target=lambda: _quietly(lambda: httpx.post(f"{d.url}/jobs/report?seconds=30", timeout=60))
+    )
+    previous = httpx.get(f"{d.url}/jobs/report").json()["holder"]
+    holder_request.start()
+    holder = wait_for(
+        lambda: (h := httpx.get(f"{d.url}/jobs/report").json()["holder"]) != previous and h,
+        10,
+        "the job to start",
+    )
+    busy = httpx.post(f"{d.url}/jobs/report?seconds=0")
+    assert busy.status_code == 409, busy.text
+    os.kill(holder, signal.SIGKILL)
+    killed = time.monotonic()
+    if pairing.server == "hypercorn":
+        d.proc.wait(30)  # it shuts down; a new deployment takes over the state
+        d = launch(state_url=url)
+
+    def job_ran() -> bool:
+        try:
+            return httpx.post(f"{d.url}/jobs/report?seconds=0", timeout=10).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(job_ran, 15, "the lock of the killed holder to be freed")
+    waited = time.monotonic() - killed
+    holder_request.join(60)
+    if pairing.redis:
+        assert waited < 2 + 1.5, f"freed {waited:.2f}s after the holder died (lease 2 s)"
+    elif pairing.server != "hypercorn":
+        assert waited < 1.0, f"freed {waited:.2f}s after the holder died"
+    CHAOS_ROWS.append(
+        {
+            "scenario": "lock holder SIGKILL",
+            "pairing": pairing.name,
+            "faults": f"holder killed, lock free after {waited:.2f}s",
+            "sent": "-",
+            "acknowledged": "-",
+            "counted": "-",
+            "lost": 0,
+        }
+    )
+
+
+def _quietly(fn: Any) -> None:
+    with contextlib.suppress(httpx.TransportError):
+        fn()
+
+
+# 6 -------------------------------------------------------------------------
+
+MALFORMED = [
+    ("GET", "/increment?key=%ZZ"),
+    ("GET", "/increment?by=%00"),
+    ("GET", "/increment?by="),
+    ("GET", "/increment?by=1e3"),
+    ("GET", "/increment?by=0x10"),
+    ("GET", "/increment?by=99999999999999999999999"),
+    ("GET", "/increment?by=-0"),
+    ("GET", "/increment?key=a/b"),
+    ("GET", "/increment?key=%E2%98%83"),
+    ("POST", "/jobs/report?seconds=31"),
+    ("POST", "/jobs/report?seconds=-1"),
+    ("DELETE", "/reset"),
+    ("PUT", "/increment"),
+    ("PATCH", "/broadcast/reload"),
+]
+
+
+def test_bad_input_is_refused_and_changes_nothing(launch: Any, pairing: Pairing) -> None:
+    d = launch()
+    before = httpx.get(f"{d.url}/report").json()["count"]
+    refused = 0
+    for method, path in MALFORMED:
+        r = httpx.request(method, d.url + path, timeout=30)
+        assert 400 <= r.status_code < 500, f"{method} {path}: {r.status_code} {r.text[:200]}"
+        assert r.json()["error"], f"{method} {path}: no error message"
+        refused += 1
+    # A 10 kB request line: gunicorn refuses it itself (414, its own page);
+    # uvicorn and hypercorn hand it to the app, which refuses it (4xx, JSON).
+    long_line = httpx.get(f"{d.url}/increment?key={'k' * 10_000}", timeout=30)
+    assert 400 <= long_line.status_code < 500, long_line.text[:200]
+    huge = httpx.post(f"{d.url}/increment", content=b"x" * 5_000_000, timeout=30)
+    assert huge.status_code == 413
+    assert httpx.get(f"{d.url}/report").json()["count"] == before
+    CHAOS_ROWS.append(
+        {
+            "scenario": "bad input",
+            "pairing": pairing.name,
+            "faults": f"{refused + 2} malformed requests, all 4xx",
+            "sent": refused + 2,
+            "acknowledged": 0,
+            "counted": before,
+            "lost": 0,
+        }
+    )
+    stop_and_check_clean(d)
+
+
+@pytest.mark.only(framework="fastapi")  # the one that serves an OpenAPI schema
+def test_fastapi_schema_fuzzing(launch: Any, pairing: Pairing, tmp_path: Path) -> None:
+    d = launch()
+    cmd = [
+        sys.executable, "-m", "schemathesis.cli", "run", f"{d.url}/openapi.json",
+        "--checks", "all", "--max-examples", "25",
+        # The job sleeps for up to 30 s by design: its bounds are checked above.
+        "--exclude-path", "/jobs/report",
+        "--report-dir", str(tmp_path),
+    ]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, f"schemathesis found problems:\n{run.stdout[-8000:]}"
+    CHAOS_ROWS.append(
+        {
+            "scenario": "schema fuzzing (schemathesis)",
+            "pairing": pairing.name,
+            "faults": "generated requests, all checks",
+            "sent": "-",
+            "acknowledged": "-",
+            "counted": "-",
+            "lost": 0,
+        }
+    )
+    stop_and_check_clean(d)
+
+
+# 7 -------------------------------------------------------------------------
+
+
+@pytest.mark.only(redis=False)  # Redis has its own ACL, AUTH and TLS
+def test_security_of_the_embedded_state(launch: Any, pairing: Pairing) -> None:
+    d = launch()
+    assert httpx.post(f"{d.url}/increment").status_code == 200
+    state_dir = d.runtime_dir / "shared_core" / pairing.app_name
+    sock = state_dir / "state.sock"
+    assert stat.S_IMODE(os.stat(state_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    with pytest.raises(AuthenticationError):
+        Client(str(sock), family="AF_UNIX", authkey=b"guessed")
+    # Another user cannot even reach the socket.
+    probe = (
+        "import socket,sys\n"
+        "s=socket.socket(socket.AF_UNIX)\n"
+        f"try: s.connect({str(sock)!r})\n"
+        "except PermissionError: sys.exit(0)\n"
+        "sys.exit(1)\n"
+    )
+    as_nobody = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+         "/usr/bin/python3", "-c", probe],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert as_nobody.returncode == 0, f"nobody reached the socket: {as_nobody.stderr}"
+    authkey = (state_dir / "authkey").read_text()
+    secret = _secret_key(d)
+    report = httpx.get(f"{d.url}/report").text
+    logs = d.output() + (state_dir / "server.log").read_text()
+    for name, value in (("authkey", authkey), ("SECRET_KEY", secret)):
+        assert value not in report, f"the {name} is in /report"
+        assert value not in logs, f"the {name} is in the logs"
+    CHAOS_ROWS.append(
+        {
+            "scenario": "security",
+            "pairing": pairing.name,
+            "faults": "wrong key, user nobody: refused",
+            "sent": 1,
+            "acknowledged": 1,
+            "counted": 1,
+            "lost": 0,
+        }
+    )
+    stop_and_check_clean(d)
+
+
+def _secret_key(d: Deployment) -> str:
+    from shared_core import SharedState
+
+    env_dir = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = str(d.runtime_dir)
+    try:
+        return SharedState(app=d.pairing.app_name).secret("SECRET_KEY")
+    finally:
+        if env_dir is None:
+            os.environ.pop("XDG_RUNTIME_DIR")
+        else:
+            os.environ["XDG_RUNTIME_DIR"] = env_dir
