@@ -252,9 +252,8 @@ def test_the_async_api_works_on_uvloop(url: str) -> None:
         got = []
         async with state.subscribe("c") as messages:
             numbers = await asyncio.gather(*(state.incr("n") for _ in range(50)))
-            async with state.lock("L", timeout=5):
-                async with state.mutate("cfg", {}) as cfg:
-                    cfg["a"] = sorted(numbers)
+            async with state.lock("L", timeout=5), state.mutate("cfg", {}) as cfg:
+                cfg["a"] = sorted(numbers)
             await state.publish("c", "hi")
             async for _, message in messages:
                 got.append(message)
