@@ -24,11 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import Pairing, start  # noqa: E402
+import contextlib
+
+from conftest import Pairing, start, state_servers  # noqa: E402
 from shared_core.testing import RedisServer  # noqa: E402
 
 PAIRINGS = [
@@ -72,6 +75,26 @@ def parse_wrk(output: str) -> dict[str, Any]:
     }
 
 
+def cpu_seconds(d: Any, seconds: int) -> dict[str, float]:
+    """Cores used by the workers and by the state server over the middle of a run."""
+    time.sleep(min(1.0, seconds / 4))
+    master = psutil.Process(d.proc.pid)
+    parts = {"workers": master.children(), "state": state_servers(d.runtime_dir)}
+    for procs in parts.values():
+        for p in procs:
+            p.cpu_percent(None)
+    window = max(1.0, seconds / 2)
+    time.sleep(window)
+    used = {}
+    for part, procs in parts.items():
+        total = 0.0
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += p.cpu_percent(None) / 100
+        used[part] = total
+    return used
+
+
 def run_one(pairing: str, mode: str, seconds: int, redis_url: str | None) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="hb-"))
     script = workdir / "post.lua"
@@ -92,14 +115,20 @@ def run_one(pairing: str, mode: str, seconds: int, redis_url: str | None) -> dic
             check=True,
         )
         httpx.post(f"{d.url}/reset")
-        out = subprocess.run(
+        wrk = subprocess.Popen(
             ["wrk", "-t1", "-c64", f"-d{seconds}s", "--latency", "-s", str(script),
              f"{d.url}/increment"],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        cpu = cpu_seconds(d, seconds)
+        out, _ = wrk.communicate()
+        assert wrk.returncode == 0, out
         result = parse_wrk(out)
         count = httpx.get(f"{d.url}/report").json()["count"]
         result["counted"] = count
+        # Where the time goes: CPU per request in the workers and the state server.
+        for part, used in cpu.items():
+            result[f"{part}_cpu_us"] = used / result["rps"] * 1e6 if result["rps"] else None
     finally:
         d.stop()
         shutil.rmtree(workdir, ignore_errors=True)
