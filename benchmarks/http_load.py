@@ -13,6 +13,7 @@ After each shared run the count is checked against wrk's successful requests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -28,8 +29,6 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-
-import contextlib
 
 from conftest import Pairing, start, state_servers  # noqa: E402
 from shared_core.testing import RedisServer  # noqa: E402
