@@ -255,12 +255,10 @@ def main() -> None:
             "On this 2-core machine the load generator and all workers keep both cores "
             "busy, so every microsecond a state call costs (in the worker: a socket "
             "write, a wake-up, a read, unpickling; in the server: the same again) comes "
-            "straight out of the requests per second. Where a request costs ~100-150 µs "
-            "of CPU (Quart and FastAPI on uvicorn workers), a 30-60 µs state call is "
-            "20-30% of it; where it costs more (Flask on gunicorn), less. A server loop "
-            "on one thread with a selector instead of a thread per connection was tried "
-            "and measured slower (incr p50 35 µs instead of 20 µs, no gain under HTTP "
-            "load), so it was not kept.",
+            "straight out of the requests per second: the lighter the request, the larger "
+            "the share. A server loop on one thread with a selector instead of a thread "
+            "per connection was tried and measured slower (incr p50 35 µs instead of "
+            "20 µs, no gain under HTTP load), so it was not kept.",
             "",
         ]
     out = folder.parent
