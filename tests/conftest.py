@@ -233,6 +233,7 @@ def start(
     workers: int = WORKERS,
     max_requests: int = 0,
     runtime_dir: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Deployment:
     """Start the app server and wait until it answers /healthz.
 
@@ -245,10 +246,12 @@ def start(
         runtime_dir = workdir / "run"
         runtime_dir.mkdir(mode=0o700)
     log = workdir / "server.log"
+    extra_env = env
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHARED_STATE_")}
     env.update(XDG_RUNTIME_DIR=str(runtime_dir), COUNTER_MODE=mode, PYTHONUNBUFFERED="1")
     if state_url:
         env["SHARED_STATE_URL"] = state_url
+    env.update(extra_env or {})
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             pairing.command(port, workers, max_requests),

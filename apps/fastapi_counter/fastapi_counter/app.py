@@ -108,6 +108,12 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
     async def job_status(counters: CountersDep) -> dict[str, Any]:
         return {"holder": await counters.job_holder(), "pid": os.getpid()}
 
+    @app.get("/whoami")
+    async def whoami(request: Request) -> dict[str, Any]:
+        # The client as the app sees it: behind a proxy, see main.py.
+        client = request.client.host if request.client else None
+        return {"client": client, "scheme": request.url.scheme, "pid": os.getpid()}
+
     @app.get("/healthz")
     async def healthz(counters: CountersDep) -> dict[str, Any]:
         await counters.ping()

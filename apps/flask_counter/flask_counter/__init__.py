@@ -148,6 +148,11 @@ def register_routes(app: Flask, counters: Counters) -> None:
     def job_status() -> Any:
         return {"holder": counters.job_holder(), "pid": os.getpid()}
 
+    @app.get("/whoami")
+    def whoami() -> Any:
+        # The client as the app sees it: behind a proxy, only right with ProxyFix.
+        return {"client": request.remote_addr, "scheme": request.scheme, "pid": os.getpid()}
+
     @app.get("/healthz")
     def healthz() -> Any:
         counters.ping()

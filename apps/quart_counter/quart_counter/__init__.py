@@ -164,6 +164,11 @@ def register_routes(app: Quart, counters: Counters) -> None:
     async def job_status() -> Any:
         return {"holder": await counters.job_holder(), "pid": os.getpid()}
 
+    @app.get("/whoami")
+    async def whoami() -> Any:
+        # The client as the app sees it: behind a proxy, see asgi.py.
+        return {"client": request.remote_addr, "scheme": request.scheme, "pid": os.getpid()}
+
     @app.get("/healthz")
     async def healthz() -> Any:
         await counters.ping()

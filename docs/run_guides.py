@@ -1,0 +1,153 @@
+"""Run the shell blocks of the deployment guides, as a reader would paste them.
+
+A ```sh block preceded by ``<!-- docs: run -->`` must exit 0; one preceded by
+``<!-- docs: serve -->`` is started in the background and must answer
+``GET http://127.0.0.1:8000/healthz`` within a minute; it runs until the next
+``serve`` block, so the ``run`` blocks after it talk to it. Unmarked blocks
+(systemd, Docker, nginx) are shown, not run. Each guide runs in a fresh copy
+of the repository, as in a fresh clone, with its own runtime directory.
+
+    python docs/run_guides.py apps/flask_counter/README.md [...]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from shared_core.testing import RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = re.compile(r"<!-- docs: (run|serve) -->\s*\n```sh\n(.*?)```", re.S)
+IGNORED = shutil.ignore_patterns(".tox", ".venv", "__pycache__", "*.egg-info", "results", ".git")
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Server:
+    """A ``serve`` block, running in its own process group."""
+
+    def __init__(self, script: str, cwd: Path, env: dict[str, str], log: Path) -> None:
+        if port_open(8000):
+            raise SystemExit("port 8000 is busy: the guides serve there; stop what listens")
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                ["bash", "-c", script],
+                cwd=cwd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the block exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get("http://127.0.0.1:8000/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise SystemExit(f"nothing answered on port 8000 within 60 s:\n{self.output()}")
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        # The port must be free for the next block.
+        deadline = time.monotonic() + 20
+        while port_open(8000) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def run_guide(guide: Path) -> int:
+    blocks = BLOCK.findall(guide.read_text())
+    if not blocks:
+        raise SystemExit(f"{guide}: no <!-- docs: ... --> blocks")
+    work = Path(tempfile.mkdtemp(prefix="guide-"))
+    repo = work / "repo"
+    shutil.copytree(ROOT, repo, ignore=IGNORED)
+    runtime = work / "run"
+    runtime.mkdir(mode=0o700)
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SHARED_STATE_", "VIRTUAL_ENV"))
+    }
+    env["XDG_RUNTIME_DIR"] = str(runtime)
+    cwd_file = work / "cwd"
+    cwd = repo
+    server: Server | None = None
+    redis: RedisServer | None = None
+    try:
+        for i, (kind, script) in enumerate(blocks, 1):
+            say(
+                f"{guide} block {i}/{len(blocks)} ({kind}):\n    "
+                + script.strip().replace("\n", "\n    ")
+            )
+            if "redis://127.0.0.1:6379" in script and redis is None and not port_open(6379):
+                redis = RedisServer(work, port=6379).start()
+            if kind == "serve":
+                if server is not None:
+                    server.stop()
+                server = Server(script, cwd, env, work / f"block{i}.log")
+                continue
+            done = subprocess.run(
+                ["bash", "-e", "-c", f"{script}\npwd > {cwd_file}"],
+                cwd=cwd,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            print(done.stdout[-3000:], end="")
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{guide} block {i} failed with {done.returncode}")
+            cwd = Path(cwd_file.read_text().strip())
+    finally:
+        if server is not None:
+            server.stop()
+        if redis is not None:
+            redis.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return len(blocks)
+
+
+def main() -> None:
+    guides = [Path(p) for p in sys.argv[1:]]
+    total = 0
+    for guide in guides:
+        total += run_guide(guide)
+        say(f"{guide}: every block ran")
+    print(f"{total} passed, 0 failed")
+
+
+if __name__ == "__main__":
+    main()
