@@ -375,6 +375,23 @@ def explicit_state(pairing: Pairing) -> Iterator[ExplicitState]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def final_count(d: Deployment) -> int:
+    """The count /report gives, asked again while workers restart (it is a read)."""
+    counts: list[int] = []
+
+    def ask() -> bool:
+        try:
+            r = httpx.get(f"{d.url}/report", timeout=10)
+        except httpx.TransportError:
+            return False
+        if r.status_code == 200:
+            counts.append(int(r.json()["count"]))
+        return bool(counts)
+
+    wait_for(ask, 30, "a /report answer")
+    return counts[-1]
+
+
 @dataclass
 class Outcome:
     """What a load run saw: replies (status, JSON body) and transport errors."""

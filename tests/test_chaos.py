@@ -35,6 +35,7 @@ from conftest import (
     Deployment,
     Outcome,
     Pairing,
+    final_count,
     hammer,
     state_servers,
 )
@@ -74,22 +75,6 @@ def workers(d: Deployment) -> list[psutil.Process]:
         for p in master.children()
         if "resource_tracker" not in " ".join(p.cmdline()) and p.status() != "zombie"
     ]
-
-
-def final_count(d: Deployment) -> int:
-    counts: list[int] = []
-
-    def ask() -> bool:
-        try:
-            r = httpx.get(f"{d.url}/report", timeout=10)
-        except httpx.TransportError:
-            return False
-        if r.status_code == 200:
-            counts.append(int(r.json()["count"]))
-        return bool(counts)
-
-    wait_for(ask, 30, "a /report answer")
-    return counts[-1]
 
 
 def stop_and_check_clean(d: Deployment) -> None:
