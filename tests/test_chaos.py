@@ -68,13 +68,16 @@ def record(scenario: str, pairing: Pairing, faults: str, outcome: Outcome, count
 
 
 def workers(d: Deployment) -> list[psutil.Process]:
-    """The app server's worker processes (not helpers such as a resource tracker)."""
-    master = psutil.Process(d.proc.pid)
-    return [
-        p
-        for p in master.children()
-        if "resource_tracker" not in " ".join(p.cmdline()) and p.status() != "zombie"
-    ]
+    """The app server's live worker processes (not helpers such as a resource tracker)."""
+    found = []
+    for p in psutil.Process(d.proc.pid).children():
+        try:  # a worker may be dying or dead (a zombie) meanwhile
+            if p.status() == psutil.STATUS_ZOMBIE or "resource_tracker" in " ".join(p.cmdline()):
+                continue
+        except psutil.Error:
+            continue
+        found.append(p)
+    return found
 
 
 def stop_and_check_clean(d: Deployment) -> None:
@@ -146,8 +149,9 @@ def test_worker_sigkill_under_load(
                 alive = workers(d)
                 if alive:
                     victim = random.choice(alive)
-                    victim.send_signal(signal.SIGKILL)
-                    kills.append(victim.pid)
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        victim.send_signal(signal.SIGKILL)
+                        kills.append(victim.pid)
 
         thread = threading.Thread(target=killer)
         thread.start()
