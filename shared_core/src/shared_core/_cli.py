@@ -61,8 +61,7 @@ def _run(args: argparse.Namespace) -> int:
         ensure_private_dir(base_dir())
     url = _serving_url(config)
     server = subprocess.Popen(
-        [sys.executable, "-m", "shared_core", "serve", "--url", url, "--app", args.app],
-        stdout=subprocess.PIPE,
+        [sys.executable, "-m", "shared_core", "serve", "--url", url, "--app", args.app]
     )
     env = dict(os.environ, **{ENV_URL: url})
     from ._lifecycle import connect
