@@ -440,12 +440,6 @@ def test_security_of_the_embedded_state(launch: Any, pairing: Pairing) -> None:
 def _secret_key(d: Deployment) -> str:
     from shared_core import SharedState
 
-    env_dir = os.environ.get("XDG_RUNTIME_DIR")
-    os.environ["XDG_RUNTIME_DIR"] = str(d.runtime_dir)
-    try:
-        return SharedState(app=d.pairing.app_name).secret("SECRET_KEY")
-    finally:
-        if env_dir is None:
-            os.environ.pop("XDG_RUNTIME_DIR")
-        else:
-            os.environ["XDG_RUNTIME_DIR"] = env_dir
+    # The deployment's own server, by its socket; its key file lies beside it.
+    state_dir = d.runtime_dir / "shared_core" / d.pairing.app_name
+    return SharedState(f"unix://{state_dir}/state.sock").secret("SECRET_KEY")

@@ -130,6 +130,17 @@ def _messages(keys: _Keys, replies: list[Any]) -> list[tuple[str, Raw]]:
     ]
 
 
+def _lock_expired(name: str, lease: float) -> StateError:
+    return StateError(
+        f"lock {name!r} had expired (lease {lease:g}s) before its release: "
+        "another holder may have run meanwhile"
+    )
+
+
+def _mutate_expired(key: str, lease: float) -> StateError:
+    return StateError(f"mutate({key!r}) outlived its lease ({lease:g}s); nothing was written")
+
+
 def _info(reply: dict[str, Any], dbsize: int) -> dict[str, Any]:
     return {
         "engine": "redis",
@@ -231,10 +242,7 @@ class RedisEngine:
 
     def lock_release(self, handle: str, name: str) -> None:
         if not self.call("_release", self.keys_.lock(name), handle):
-            raise StateError(
-                f"lock {name!r} had expired (lease {self.config.lock_lease:g}s) before "
-                "its release: another holder may have run meanwhile"
-            )
+            raise _lock_expired(name, self.config.lock_lease)
 
     def mutate_begin(self, key: str, timeout: float | None) -> tuple[str, Raw | None]:
         token = self._acquire(self.keys_.mutate(key), timeout)
@@ -249,10 +257,7 @@ class RedisEngine:
     def mutate_end(self, handle: str, key: str, raw: Raw | None, commit: bool) -> None:
         raw = raw if commit else None
         if not self.call("_commit", self.keys_.mutate(key), handle, key, raw) and commit:
-            raise StateError(
-                f"mutate({key!r}) outlived its lease ({self.config.lock_lease:g}s); "
-                "nothing was written"
-            )
+            raise _mutate_expired(key, self.config.lock_lease)
 
     def op_publish(self, channel: str, raw: Raw) -> int:
         return int(self.client.publish(self.keys_.channel(channel), _stored(raw)))
@@ -398,10 +403,7 @@ class AsyncRedisEngine:
 
     async def lock_release(self, handle: str, name: str) -> None:
         if not await self.call("_release", self.keys_.lock(name), handle):
-            raise StateError(
-                f"lock {name!r} had expired (lease {self.config.lock_lease:g}s) before "
-                "its release: another holder may have run meanwhile"
-            )
+            raise _lock_expired(name, self.config.lock_lease)
 
     async def mutate_begin(self, key: str, timeout: float | None) -> tuple[str, Raw | None]:
         token = await self._acquire(self.keys_.mutate(key), timeout)
@@ -416,10 +418,7 @@ class AsyncRedisEngine:
     async def mutate_end(self, handle: str, key: str, raw: Raw | None, commit: bool) -> None:
         raw = raw if commit else None
         if not await self.call("_commit", self.keys_.mutate(key), handle, key, raw) and commit:
-            raise StateError(
-                f"mutate({key!r}) outlived its lease ({self.config.lock_lease:g}s); "
-                "nothing was written"
-            )
+            raise _mutate_expired(key, self.config.lock_lease)
 
     async def op_publish(self, channel: str, raw: Raw) -> int:
         return int(await self.client.publish(self.keys_.channel(channel), _stored(raw)))
