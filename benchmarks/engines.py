@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import psutil
 import redis
 
 from shared_core import AsyncSharedState, SharedState
-from shared_core.testing import RedisServer
+from shared_core.testing import RedisServer, free_port
 
 SPAWN = multiprocessing.get_context("spawn")
 VALUE = "v" * 100  # the 100-byte value of get and set
@@ -43,12 +42,6 @@ ECHO_REQUEST: tuple[str, str, tuple[str, int], dict[str, Any]] = ("store", "incr
 
 def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the things measured -----------------------------------------------------
@@ -89,21 +82,21 @@ class Setup:
         self.manager_url = "local://bench?linger=30"
         self.redis_unix = f"redis+unix://{self.redis.socket}?app=bench"
         self.redis_tcp = f"redis://127.0.0.1:{self.redis.port}/0?app=bench"
-        self.seed_manager = SyncManager(address=str(workdir / "seed.sock"), authkey=self.authkey)
-        self.seed_manager.start()
-        self.seed_dict = self.seed_manager.dict()
-        self.seed_lock = self.seed_manager.Lock()
+        self.plain_manager = SyncManager(address=str(workdir / "plain.sock"), authkey=self.authkey)
+        self.plain_manager.start()
+        self.plain_dict = self.plain_manager.dict()
+        self.plain_lock = self.plain_manager.Lock()
         self.diskcache_dir = str(workdir / "diskcache")
 
     def server_pids(self) -> list[int]:
         assert self.redis.proc is not None
         assert self.echo.pid is not None
         manager = SharedState(self.manager_url).info()["pid"]
-        seed = self.seed_manager._process.pid  # type: ignore[attr-defined]
-        return [self.redis.proc.pid, self.echo.pid, manager, seed]
+        plain = self.plain_manager._process.pid  # type: ignore[attr-defined]
+        return [self.redis.proc.pid, self.echo.pid, manager, plain]
 
     def close(self) -> None:
-        self.seed_manager.shutdown()
+        self.plain_manager.shutdown()
         self.redis.stop()
         self.echo.terminate()
 
@@ -139,8 +132,8 @@ def sync_ops(setup: Setup, engine: str) -> dict[str, Callable[[], Any]]:
             "get": lambda: r.get("raw:v"),
             "set": lambda: r.set("raw:v", VALUE),
         }
-    if engine.startswith("seed DictProxy"):
-        d, lock = setup.seed_dict, setup.seed_lock
+    if engine.startswith("SyncManager DictProxy"):
+        d, lock = setup.plain_dict, setup.plain_lock
         d["n"] = 0
         d["v"] = VALUE
 
@@ -185,7 +178,7 @@ SYNC_ENGINES = [
     "shared_core redis unix",
     "shared_core redis tcp",
     "redis-py + hiredis unix",
-    "seed DictProxy + Lock",
+    "SyncManager DictProxy + Lock",
     "diskcache",
 ]
 ASYNC_ENGINES = ["shared_core manager async", "shared_core redis unix async"]
@@ -298,7 +291,7 @@ def _incr_fn(info: dict[str, Any], engine: str) -> Callable[[], Any]:
         return lambda: state.incr("tp")
     if engine == "redis-py + hiredis unix":
         r = redis.Redis(unix_socket_path=info["redis_socket"])
-        return lambda: r.incr("shared_core:bench:v:tp")
+        return lambda: r.incr("bench:raw:tp")  # a plain Redis integer of its own
     if engine == "diskcache":
         import diskcache
 
@@ -307,19 +300,19 @@ def _incr_fn(info: dict[str, Any], engine: str) -> Callable[[], Any]:
     raise ValueError(engine)
 
 
-def _seed_worker(info: dict[str, Any], locked: bool, seconds: float, start: Any, out: Any) -> None:
+def _plain_worker(info: dict[str, Any], locked: bool, seconds: float, start: Any, out: Any) -> None:
     from multiprocessing.managers import (  # type: ignore[attr-defined]
         AcquirerProxy,
         BaseManager,
         DictProxy,
     )
 
-    class SeedClient(BaseManager):
+    class PlainClient(BaseManager):
         pass
 
-    SeedClient.register("get_dict", proxytype=DictProxy)
-    SeedClient.register("get_lock", proxytype=AcquirerProxy)
-    m = SeedClient(address=info["seed_address"], authkey=info["authkey"])
+    PlainClient.register("get_dict", proxytype=DictProxy)
+    PlainClient.register("get_lock", proxytype=AcquirerProxy)
+    m = PlainClient(address=info["plain_address"], authkey=info["authkey"])
     m.connect()
     d, lock = m.get_dict(), m.get_lock()  # type: ignore[attr-defined]
     start.wait()
@@ -336,7 +329,7 @@ def _seed_worker(info: dict[str, Any], locked: bool, seconds: float, start: Any,
     out.put(done)
 
 
-def _seed_server(address: str, authkey: bytes, ready: Any) -> None:
+def _plain_server(address: str, authkey: bytes, ready: Any) -> None:
     from multiprocessing.managers import (  # type: ignore[attr-defined]
         AcquirerProxy,
         BaseManager,
@@ -346,12 +339,12 @@ def _seed_server(address: str, authkey: bytes, ready: Any) -> None:
     shared: dict[str, int] = {"tp": 0}
     lock = threading.Lock()
 
-    class SeedServer(BaseManager):
+    class PlainServer(BaseManager):
         pass
 
-    SeedServer.register("get_dict", lambda: shared, DictProxy)
-    SeedServer.register("get_lock", lambda: lock, AcquirerProxy)
-    server = SeedServer(address=address, authkey=authkey).get_server()
+    PlainServer.register("get_dict", lambda: shared, DictProxy)
+    PlainServer.register("get_lock", lambda: lock, AcquirerProxy)
+    server = PlainServer(address=address, authkey=authkey).get_server()
     ready.set()
     server.serve_forever()
 
@@ -361,47 +354,49 @@ THROUGHPUT_ENGINES = [
     "shared_core manager async",
     "shared_core redis unix",
     "redis-py + hiredis unix",
-    "seed DictProxy + Lock",
-    "seed DictProxy, no lock",
+    "SyncManager DictProxy + Lock",
+    "SyncManager DictProxy, no lock",
     "diskcache",
 ]
 
 
-def _count(setup: Setup, engine: str, seed_dict: Any) -> int:
+def _count(setup: Setup, engine: str, plain_dict: Any) -> int:
     if engine.startswith("shared_core manager"):
         return int(SharedState(setup.manager_url).get("tp", 0))
     if engine == "shared_core redis unix":
         return int(SharedState(setup.redis_unix).get("tp", 0))
     if engine == "redis-py + hiredis unix":
         r = redis.Redis(unix_socket_path=str(setup.redis.socket))
-        return int(r.get("shared_core:bench:v:tp") or 0)
+        return int(r.get("bench:raw:tp") or 0)
     if engine == "diskcache":
         import diskcache
 
         return int(diskcache.Cache(setup.diskcache_dir).get("tp", 0))
-    return int(seed_dict["tp"])
+    return int(plain_dict["tp"])
 
 
-def _reset(setup: Setup, engine: str, seed_dict: Any) -> None:
+def _reset(setup: Setup, engine: str, plain_dict: Any) -> None:
     if engine.startswith("shared_core manager"):
         SharedState(setup.manager_url).set("tp", 0)
-    elif engine in ("shared_core redis unix", "redis-py + hiredis unix"):
+    elif engine == "shared_core redis unix":
         SharedState(setup.redis_unix).set("tp", 0)
+    elif engine == "redis-py + hiredis unix":
+        redis.Redis(unix_socket_path=str(setup.redis.socket)).set("bench:raw:tp", 0)
     elif engine == "diskcache":
         import diskcache
 
         diskcache.Cache(setup.diskcache_dir).set("tp", 0)
     else:
-        seed_dict["tp"] = 0
+        plain_dict["tp"] = 0
 
 
 def throughput(setup: Setup, clients: list[int], seconds: float, rounds: int) -> dict[str, Any]:
     """Aggregate incr/s of one key from N processes, and the count check."""
-    seed_address = str(setup.workdir / "seed-tp.sock")
+    plain_address = str(setup.workdir / "plain-tp.sock")
     ready = SPAWN.Event()
-    seed = SPAWN.Process(target=_seed_server, args=(seed_address, setup.authkey, ready))
-    seed.daemon = True
-    seed.start()
+    plain = SPAWN.Process(target=_plain_server, args=(plain_address, setup.authkey, ready))
+    plain.daemon = True
+    plain.start()
     ready.wait(30)
 
     from multiprocessing.managers import BaseManager, DictProxy
@@ -410,16 +405,16 @@ def throughput(setup: Setup, clients: list[int], seconds: float, rounds: int) ->
         pass
 
     Reader.register("get_dict", proxytype=DictProxy)
-    reader = Reader(address=seed_address, authkey=setup.authkey)
+    reader = Reader(address=plain_address, authkey=setup.authkey)
     reader.connect()
-    seed_dict = reader.get_dict()  # type: ignore[attr-defined]
+    plain_dict = reader.get_dict()  # type: ignore[attr-defined]
     info = {
         "workdir": str(setup.workdir),
         "manager_url": setup.manager_url,
         "redis_unix": setup.redis_unix,
         "redis_socket": str(setup.redis.socket),
         "diskcache_dir": setup.diskcache_dir,
-        "seed_address": seed_address,
+        "plain_address": plain_address,
         "authkey": setup.authkey,
     }
     results: dict[str, Any] = {}
@@ -427,11 +422,11 @@ def throughput(setup: Setup, clients: list[int], seconds: float, rounds: int) ->
         for n in clients:
             progress(f"throughput round {r + 1}/{rounds}, {n} clients")
             for engine in THROUGHPUT_ENGINES:
-                _reset(setup, engine, seed_dict)
+                _reset(setup, engine, plain_dict)
                 start, out = SPAWN.Event(), SPAWN.Queue()
-                if engine.startswith("seed"):
-                    locked = engine == "seed DictProxy + Lock"
-                    target: Any = _seed_worker
+                if engine.startswith("SyncManager"):
+                    locked = engine == "SyncManager DictProxy + Lock"
+                    target: Any = _plain_worker
                     args: tuple[Any, ...] = (info, locked, seconds, start, out)
                 else:
                     target, args = _worker, (info, engine, seconds, start, out)
@@ -443,10 +438,10 @@ def throughput(setup: Setup, clients: list[int], seconds: float, rounds: int) ->
                 done = sum(out.get(timeout=120) for _ in procs)
                 for p in procs:
                     p.join(30)
-                counted = _count(setup, engine, seed_dict)
+                counted = _count(setup, engine, plain_dict)
                 row = results.setdefault(engine, {}).setdefault(str(n), [])
                 row.append({"ops_s": done / seconds, "done": done, "counted": counted})
-    seed.terminate()
+    plain.terminate()
     summary: dict[str, Any] = {}
     for engine, by_n in results.items():
         for n, rows in by_n.items():
@@ -485,18 +480,13 @@ def scale(setup: Setup, sizes: list[int], calls: int, rounds: int) -> dict[str, 
         url = f"local://scale{n}?linger=60"
         asyncio.run(_fill_manager(url, n))
         states["shared_core manager", n] = SharedState(url)
-        # Redis: one database per size, filled through a pipeline.
+        # Redis: one database per size, filled in batches through the engine.
         db = sizes.index(n) + 1
-        rdb = redis.Redis(unix_socket_path=str(setup.redis.socket), db=db)
-        rdb.flushdb()
-        pipe = rdb.pipeline(transaction=False)
-        for i in range(n):
-            pipe.set(f"shared_core:scale:v:key:{i}", i)
-            if i % 10000 == 9999:
-                pipe.execute()
-        pipe.execute()
+        redis.Redis(unix_socket_path=str(setup.redis.socket), db=db).flushdb()
         redis_url = f"redis+unix://{setup.redis.socket}?app=scale&db={db}"
-        states["shared_core redis unix", n] = SharedState(redis_url)
+        redis_state = states["shared_core redis unix", n] = SharedState(redis_url)
+        for start in range(0, n, 10000):
+            redis_state.set_many({f"key:{i}": i for i in range(start, min(n, start + 10000))})
         # One Redis holds every size: its RSS after this fill is cumulative.
         redis_rss[n] = r.info("memory")["used_memory_rss"] / 2**20
     samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
@@ -544,8 +534,8 @@ def main() -> None:
     sizes = [10, 10_000, 100_000] if args.quick else [10, 10_000, 1_000_000]
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     all_cpus = os.sched_getaffinity(0)
-    # Latency: client and every server on one core, as in DESIGN.md, so that
-    # cross-core wake-ups (45-50 µs here) do not drown the differences.
+    # Latency: client and every server on one core, so that
+    # cross-core wake-ups (45-50 µs on a 2-core VM) do not drown the differences.
     os.sched_setaffinity(0, {min(all_cpus)})
     setup = Setup(workdir)
     try:

@@ -7,7 +7,10 @@ package): written in C, it keeps 64 connections busy on one core while the
 servers use the rest, where a Python client would be the bottleneck itself.
 After each shared run the count is checked against wrk's successful requests.
 
-    python benchmarks/http_load.py --out benchmarks/results/http.json [--seconds 5]
+    python -m benchmarks.http_load --out benchmarks/results/http.json [--seconds 5]
+
+(from the repository root, so that the suite's harness, ``tests.harness``,
+is importable).
 """
 
 from __future__ import annotations
@@ -27,23 +30,11 @@ from typing import Any
 import httpx
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from shared_core.testing import RedisServer
+from tests.harness import PAIRINGS, Pairing, start, state_servers
 
-from conftest import Pairing, start, state_servers  # noqa: E402
-from shared_core.testing import RedisServer  # noqa: E402
-
-PAIRINGS = [
-    "flask-gunicorn",
-    "flask-gunicorn-gthread",
-    "flask-hypercorn",
-    "quart-hypercorn",
-    "quart-uvicorn",
-    "quart-gunicorn",
-    "fastapi-uvicorn",
-    "fastapi-hypercorn",
-    "fastapi-gunicorn",
-]
+# Every pairing of the suite; each is run in the three modes below, Redis included.
+HTTP_PAIRINGS = [name for name in PAIRINGS if not Pairing.parse(name).redis]
 MODES = ["shared", "naive", "redis"]
 POST_LUA = 'wrk.method = "POST"\n'
 
@@ -138,7 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/http.json"))
     parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--pairings", nargs="*", default=PAIRINGS)
+    parser.add_argument("--pairings", nargs="*", default=HTTP_PAIRINGS)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")

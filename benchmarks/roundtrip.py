@@ -1,23 +1,35 @@
-"""Quick check: shared_core ``incr`` p50 against a bare multiprocessing.connection echo.
+"""Quick check: shared_core ``incr`` and ``get`` p50 against a bare
+multiprocessing.connection echo (the floor of any call over a socket).
 
 Both run in this one process against a server process, interleaved in rounds,
-so that the machine's noise hits both alike. Prints medians and the ratio.
+so that the machine's noise hits both alike. Prints medians and the ratios.
 
     python benchmarks/roundtrip.py [--rounds 7] [--calls 5000]
+
+``--against REV`` measures the package of git revision REV too, round by
+round in turn with this tree's, and prints each one's ratio to the echo floor
+and how the ratio changed: a change must not make a call slower relative to
+the floor.
+
+    python benchmarks/roundtrip.py --against HEAD~1
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Client, Listener
+from pathlib import Path
 
 from shared_core import AsyncSharedState, SharedState
 
@@ -58,7 +70,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=5000)
+    parser.add_argument("--against", metavar="REV", help="also measure git revision REV")
+    parser.add_argument("--json", action="store_true", help="print the medians as JSON")
     args = parser.parse_args()
+    if args.against:
+        compare(args.against, args.rounds, args.calls)
+        return
 
     tmp = tempfile.mkdtemp(prefix="rt")
     os.environ["XDG_RUNTIME_DIR"] = tmp
@@ -90,12 +107,18 @@ def main() -> None:
     loop = asyncio.new_event_loop()
     loop.run_until_complete(astate.incr("bench"))
 
-    rows: dict[str, list[float]] = {"echo": [], "incr": [], "async incr": []}
+    rows: dict[str, list[float]] = {"echo": [], "incr": [], "get": [], "async incr": []}
     for i in range(args.rounds):
         rows["echo"].append(_p50(echo_call, args.calls))
         rows["incr"].append(_p50(lambda: state.incr("bench"), args.calls))
+        rows["get"].append(_p50(lambda: state.get("bench"), args.calls))
         rows["async incr"].append(loop.run_until_complete(_ap50(astate, args.calls)))
         print(f"round {i + 1}/{args.rounds}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({name: statistics.median(values) for name, values in rows.items()}))
+        echo.close()
+        os.waitpid(pid, 0)
+        return
     floor = statistics.median(rows["echo"])
     sync = statistics.median(rows["incr"])
     for name, values in rows.items():
@@ -106,6 +129,47 @@ def main() -> None:
         )
     echo.close()
     os.waitpid(pid, 0)
+
+
+def compare(rev: str, rounds: int, calls: int) -> None:
+    """This tree's package against revision ``rev``'s, one round each in turn."""
+    root = Path(__file__).resolve().parent.parent
+    old = Path(tempfile.mkdtemp(prefix="rt-old"))
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", rev, "shared_core/src"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        trees = {rev: old / "shared_core" / "src", "this tree": root / "shared_core" / "src"}
+        ratios: dict[str, dict[str, list[float]]] = {t: {"incr": [], "get": []} for t in trees}
+        for i in range(rounds):
+            for tree, src in trees.items():
+                env = dict(os.environ, PYTHONPATH=str(src))
+                out = subprocess.run(
+                    [sys.executable, __file__, "--rounds", "1", "--calls", str(calls), "--json"],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+                p50 = json.loads(out)
+                for call in ("incr", "get"):
+                    ratios[tree][call].append(p50[call] / p50["echo"])
+            print(f"round {i + 1}/{rounds}", file=sys.stderr)
+        for call in ("incr", "get"):
+            before = statistics.median(ratios[rev][call])
+            after = statistics.median(ratios["this tree"][call])
+            spread = ", ".join(
+                f"{t} {min(r[call]):.2f}-{max(r[call]):.2f}" for t, r in ratios.items()
+            )
+            print(
+                f"{call:>4} p50 / echo p50: {rev} x{before:.2f}, this tree x{after:.2f} "
+                f"({(after / before - 1) * 100:+.1f}%; rounds: {spread})"
+            )
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""Run the shell blocks of the deployment guides, as a reader would paste them.
+"""Run the shell blocks of the README and the deployment guides, as a reader would paste them.
 
-A ```sh block preceded by ``<!-- docs: run -->`` must exit 0; one preceded by
-``<!-- docs: serve -->`` is started in the background and must answer
-``GET http://127.0.0.1:8000/healthz`` within a minute; it runs until the next
-``serve`` block, so the ``run`` blocks after it talk to it. Unmarked blocks
-(systemd, Docker, nginx) are shown, not run. Each guide runs in a fresh copy
-of the repository, as in a fresh clone, with its own runtime directory.
+A test per guide. A ```sh block preceded by ``<!-- docs: run -->`` must exit
+0; one preceded by ``<!-- docs: serve -->`` is started in the background and
+must answer ``GET http://127.0.0.1:8000/healthz`` within a minute; it runs
+until the next ``serve`` block, so the ``run`` blocks after it talk to it.
+Unmarked blocks (systemd, Docker, nginx, the test command) are shown, not run.
+Each guide runs in a fresh copy of the repository, as in a fresh clone, with
+its own runtime directory.
 
-    python docs/run_guides.py apps/flask_counter/README.md [...]
+    pytest docs/run_guides.py [-k flask_counter]      (tox -e docs)
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from shared_core.testing import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- docs: (run|serve) -->\s*\n```sh\n(.*?)```", re.S)
 IGNORED = shutil.ignore_patterns(".tox", ".venv", "__pycache__", "*.egg-info", "results", ".git")
+GUIDES = [ROOT / "README.md", *sorted(ROOT.glob("apps/*/README.md"))]
 
 
 def say(message: str) -> None:
@@ -47,7 +50,7 @@ class Server:
 
     def __init__(self, script: str, cwd: Path, env: dict[str, str], log: Path) -> None:
         if port_open(8000):
-            raise SystemExit("port 8000 is busy: the guides serve there; stop what listens")
+            pytest.fail("port 8000 is busy: the guides serve there; stop what listens")
         self.log = log
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
@@ -61,7 +64,7 @@ class Server:
         deadline = time.monotonic() + 60
         while True:
             if self.proc.poll() is not None:
-                raise SystemExit(f"the block exited with {self.proc.returncode}:\n{self.output()}")
+                pytest.fail(f"the block exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 if httpx.get("http://127.0.0.1:8000/healthz", timeout=2).status_code == 200:
                     return
@@ -69,7 +72,7 @@ class Server:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise SystemExit(f"nothing answered on port 8000 within 60 s:\n{self.output()}")
+                pytest.fail(f"nothing answered on port 8000 within 60 s:\n{self.output()}")
             time.sleep(0.2)
 
     def output(self) -> str:
@@ -92,7 +95,7 @@ class Server:
 def run_guide(guide: Path) -> int:
     blocks = BLOCK.findall(guide.read_text())
     if not blocks:
-        raise SystemExit(f"{guide}: no <!-- docs: ... --> blocks")
+        pytest.fail(f"{guide}: no <!-- docs: ... --> blocks")
     work = Path(tempfile.mkdtemp(prefix="guide-"))
     repo = work / "repo"
     shutil.copytree(ROOT, repo, ignore=IGNORED)
@@ -129,7 +132,7 @@ def run_guide(guide: Path) -> int:
             print(done.stdout[-3000:], end="")
             if done.returncode != 0:
                 print(done.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{guide} block {i} failed with {done.returncode}")
+                pytest.fail(f"{guide} block {i} failed with {done.returncode}")
             cwd = Path(cwd_file.read_text().strip())
     finally:
         if server is not None:
@@ -140,14 +143,6 @@ def run_guide(guide: Path) -> int:
     return len(blocks)
 
 
-def main() -> None:
-    guides = [Path(p) for p in sys.argv[1:]]
-    total = 0
-    for guide in guides:
-        total += run_guide(guide)
-        say(f"{guide}: every block ran")
-    print(f"{total} passed, 0 failed")
-
-
-if __name__ == "__main__":
-    main()
+@pytest.mark.parametrize("guide", GUIDES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_marked_block_runs_as_written(guide: Path) -> None:
+    run_guide(guide)

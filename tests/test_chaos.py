@@ -30,7 +30,8 @@ import httpx
 import psutil
 import pytest
 
-from conftest import (
+from shared_core.testing import RedisServer, wait_for
+from tests.harness import (
     CHAOS_ROWS,
     Deployment,
     Outcome,
@@ -39,7 +40,6 @@ from conftest import (
     hammer,
     state_servers,
 )
-from shared_core.testing import RedisServer, wait_for
 
 pytestmark = pytest.mark.chaos
 
@@ -373,7 +373,8 @@ def test_fastapi_schema_fuzzing(launch: Any, pairing: Pairing, tmp_path: Path) -
         "--exclude-path", "/jobs/report",
         "--report-dir", str(tmp_path),
     ]  # fmt: skip
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    # In tmp_path, so that schemathesis's cache (.schemathesis/) stays out of the tree.
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert run.returncode == 0, f"schemathesis found problems:\n{run.stdout[-8000:]}"
     CHAOS_ROWS.append(
         {
@@ -443,3 +444,58 @@ def _secret_key(d: Deployment) -> str:
     # The deployment's own server, by its socket; its key file lies beside it.
     state_dir = d.runtime_dir / "shared_core" / d.pairing.app_name
     return SharedState(f"unix://{state_dir}/state.sock").secret("SECRET_KEY")
+
+
+# 9 -------------------------------------------------------------------------
+
+FREEZE = 7.0  # seconds: longer than a call's default bound (op_timeout, 5 s)
+# connect_timeout + op_timeout (5 + 5 s by default), plus scheduling slack.
+CALL_BOUND = 12.0
+
+
+def test_state_server_frozen_under_load(
+    launch: Any, pairing: Pairing, request: pytest.FixtureRequest
+) -> None:
+    """SIGSTOP the state server (as a stall, a swapped-out machine or a
+    debugger would) for longer than a call may wait, under 100 clients."""
+    d = launch(state_url=chaos_url(pairing, request))
+    before = hammer(d.url, "/increment", 300, 50)
+    assert len(before.ok) == 300, d.explain(str(before.errors[:3]))
+    if pairing.redis:
+        redis: RedisServer = request.getfixturevalue("redis_for_chaos")
+        assert redis.proc is not None
+        pid = redis.proc.pid
+    else:
+        (server,) = state_servers(d.runtime_dir)
+        pid = server.pid
+    os.kill(pid, signal.SIGSTOP)
+    thaw = threading.Timer(FREEZE, os.kill, (pid, signal.SIGCONT))
+    thaw.start()
+    try:
+        during = hammer(d.url, "/increment", 200, CLIENTS)
+    finally:
+        thaw.cancel()
+        os.kill(pid, signal.SIGCONT)
+    statuses = Counter(s for s, _ in during.replies)
+    # Only answers that say what happened: 200, or 503 while it is frozen.
+    assert set(statuses) <= {200, 503}, d.explain(f"statuses: {statuses}")
+    assert statuses[503], f"nothing noticed a {FREEZE:g}s freeze: {statuses}"
+    assert not during.errors, during.errors[:3]
+    # A sync worker serves one request at a time, so there a request may also
+    # wait in the queue behind others for as long as the freeze lasts.
+    one_at_a_time = pairing.framework == "flask" and not pairing.worker
+    bound = CALL_BOUND + (FREEZE if one_at_a_time else 0)
+    assert during.slowest < bound, d.explain(
+        f"a request took {during.slowest:.1f}s; the bound is {bound:g}s"
+    )
+    after = hammer(d.url, "/increment", 100, 20)
+    assert {s for s, _ in after.replies} == {200}, d.explain(str(after.replies[:3]))
+    counted = final_count(d)
+    outcome = Outcome(before.replies + during.replies + after.replies, [])
+    faults = f"state server SIGSTOPped {FREEZE:g}s; slowest request {during.slowest:.1f}s"
+    assert record("state server frozen", pairing, faults, outcome, counted) == 0
+    print(
+        f"{pairing.name}: {statuses[503]} of 200 requests got 503 while frozen, "
+        f"slowest {during.slowest:.1f}s"
+    )
+    stop_and_check_clean(d)

@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import (
+from shared_core.testing import wait_for
+from tests.harness import (
     Deployment,
     ExplicitState,
     Pairing,
@@ -50,7 +51,7 @@ def test_concurrent_increments_are_unique_and_exact(deployment: Deployment) -> N
     assert len({r["pid"] for r in reports}) >= 2, "reports must come from several workers"
 
 
-def test_get_increment_works_as_in_the_seeds(deployment: Deployment) -> None:
+def test_get_increment_works_for_clients_that_send_get(deployment: Deployment) -> None:
     reset(deployment, "cnt")
     r = httpx.get(f"{deployment.url}/increment", params={"key": "cnt", "by": "5"})
     assert r.status_code == 200
@@ -138,7 +139,7 @@ def test_oversized_body_is_refused_with_413(deployment: Deployment) -> None:
 
 
 def test_broadcast_reaches_every_worker(deployment: Deployment) -> None:
-    # Seed 002: "Is there a way to force all workers to respond to a single call?"
+    # One request must make every worker act, not only the one that got it.
     before = sample(deployment.url, "/report", 40)
     subscribed = {r["pid"] for r in before}
     r = httpx.post(f"{deployment.url}/broadcast/reload", timeout=30)
@@ -174,6 +175,35 @@ def test_state_survives_a_restart_of_the_whole_deployment(
         time.sleep(0.05)
     second = launch(state_url=url, runtime_dir=runtime_dir)
     assert httpx.post(f"{second.url}/increment").json()["count"] == 51
+
+
+def test_sessions_survive_a_restart_of_the_whole_deployment(
+    launch: Any, redis_socket: Path | None, tmp_path: Path
+) -> None:
+    """With default settings, a restarted deployment accepts the cookies it
+    issued before: its SECRET_KEY outlives the app server and the state
+    server, even when the runtime directory is emptied (as systemd does)."""
+    url = default_state_url(redis_socket)  # the embedded default, or one Redis namespace
+    state_home = tmp_path / "state"
+    state_home.mkdir(mode=0o700)
+    first = launch(state_url=url, state_home=state_home)
+    with httpx.Client(base_url=first.url) as client:
+        assert [client.get("/session").json()["visits"] for _ in range(3)] == [1, 2, 3]
+        cookies = dict(client.cookies)
+    assert first.stop() == 0, first.explain("the app server did not stop cleanly")
+    wait_for(lambda: not state_servers(first.runtime_dir), 15, "the state server to leave")
+    second = launch(state_url=url, state_home=state_home)  # a new, empty runtime directory
+    assert second.runtime_dir != first.runtime_dir
+    # The cookie of the third visit, shown to several workers of the new deployment.
+    replies = [
+        httpx.get(f"{second.url}/session", cookies=cookies, headers={"Connection": "close"})
+        for _ in range(12)
+    ]
+    assert {r.status_code for r in replies} == {200}
+    assert [r.json()["visits"] for r in replies] == [4] * 12, second.explain(
+        "the restarted deployment rejected the sessions it issued before"
+    )
+    assert len({r.json()["pid"] for r in replies}) >= 2, "all requests went to one worker"
 
 
 def test_naive_mode_shows_the_bug(launch: Any) -> None:
@@ -237,8 +267,8 @@ def test_state_unavailable_is_a_503_then_recovers(
 
 
 def test_two_app_servers_share_one_state(launch: Any, explicit_state: ExplicitState) -> None:
-    # Seed 002: two app servers (its ports 8000 and 8001), each with its own
-    # workers, one state.
+    # Two app servers (say on ports 8000 and 8001), each with its own workers,
+    # on one state.
     first = launch(state_url=explicit_state.url)
     second = launch(state_url=explicit_state.url)
     a = hammer(first.url, "/increment", 100, 20)

@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import Pairing, free_port, hammer
-from shared_core.testing import wait_for
+from shared_core.testing import free_port, wait_for
+from tests.harness import Pairing, hammer
 
 pytestmark = pytest.mark.nginx
 

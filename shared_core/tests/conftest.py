@@ -1,19 +1,16 @@
 """Fixtures: a private runtime directory, a unique app, and the state under test.
 
 Every test gets its own ``XDG_RUNTIME_DIR`` and app name, so each starts its
-own state server.
+own state server; they come from the plugin ``shared_core.testing`` (enabled in
+``pyproject.toml``), which users enable in their own tests the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,56 +18,30 @@ import psutil
 import pytest
 
 from shared_core import AsyncSharedState, SharedState
-from shared_core.testing import redis_server, wait_for
+from shared_core.testing import IsolatedState, RedisServer, state_servers
 
 
 def server_processes(app: str) -> list[psutil.Process]:
-    """The live state-server processes of ``app``, found by their command line."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmd = proc.info["cmdline"] or []
-        if proc.info["status"] == psutil.STATUS_ZOMBIE:
-            continue
-        if (
-            "shared_core" in cmd
-            and "serve" in cmd
-            and any(a.startswith(f"local://{app}") or f"/{app}/" in a for a in cmd)
-        ):
-            found.append(proc)
-    return found
+    """The live state-server processes of ``app``."""
+    return state_servers(app)
 
 
 @pytest.fixture
-def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    # Short, so that socket paths stay under the 107-byte limit.
-    path = Path(tempfile.mkdtemp(prefix="sc-"))
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(path))
-    monkeypatch.delenv("SHARED_STATE_URL", raising=False)
-    monkeypatch.delenv("SHARED_STATE_AUTHKEY", raising=False)
-    monkeypatch.delenv("SHARED_STATE_AUTHKEY_FILE", raising=False)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def runtime_dir(isolated_state: IsolatedState) -> Path:
+    return isolated_state.runtime_dir
 
 
 @pytest.fixture
-def app(runtime_dir: Path) -> Iterator[str]:
+def app(isolated_state: IsolatedState) -> str:
     """A fresh app name; its servers are killed at teardown (the exit rule
     itself is checked by its own tests)."""
-    name = f"t{uuid.uuid4().hex[:10]}"
-    yield name
-    kill_and_wait(server_processes(name))
+    return isolated_state.app
 
 
 @pytest.fixture(scope="session")
-def redis_socket() -> Iterator[str]:
+def redis_socket(redis_server: RedisServer) -> str:
     """A redis-server on a private Unix socket, for the whole session."""
-    # Short, so that the socket path stays under the 107-byte limit.
-    workdir = Path(tempfile.mkdtemp(prefix="redis-"))
-    try:
-        with redis_server(workdir) as sock:
-            yield str(sock)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    return str(redis_server.socket)
 
 
 def redis_url(sock: str, app: str, **query: object) -> str:
@@ -96,7 +67,9 @@ def engine(request: pytest.FixtureRequest) -> str:
 def url(engine: str, app: str, request: pytest.FixtureRequest) -> str:
     """A URL of each engine in turn: the contract is the same on both."""
     if engine == "manager":
-        return f"local://{app}?linger=1"
+        # The server outlives short idle gaps on a loaded machine; it is killed
+        # at teardown (the exit rule has tests of its own, with manager_url).
+        return f"local://{app}?linger=10"
     return redis_url(request.getfixturevalue("redis_socket"), app, lock_lease=LOCK_LEASE)
 
 
@@ -148,27 +121,3 @@ def state(request: pytest.FixtureRequest, url: str) -> Iterator[Any]:
         adapter = AsyncAdapter(AsyncSharedState(url))
         yield adapter
         adapter.close()
-
-
-def kill_and_wait(procs: list[psutil.Process]) -> None:
-    for proc in procs:
-        with suppress(psutil.NoSuchProcess):
-            proc.kill()
-    # psutil.wait_procs polls non-children slowly; a tight loop is much faster.
-    wait_for(lambda: not pids_alive([p.pid for p in procs]), 5, f"{procs} to die")
-
-
-def pids_alive(pids: list[int]) -> list[int]:
-    """The pids whose process still runs or still holds its files."""
-    return [p for p in pids if not _dead(p)]
-
-
-def _dead(pid: int) -> bool:
-    # A killed multi-threaded process shows as a zombie while its other
-    # threads, which share its open sockets, are still exiting.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
-        return zombie and len(os.listdir(f"/proc/{pid}/task")) <= 1
-    except (FileNotFoundError, ProcessLookupError):
-        return True

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from conftest import kill_and_wait, server_processes
+from conftest import server_processes
 from shared_core import AsyncSharedState, SharedState
-from shared_core.testing import RedisServer, wait_for
+from shared_core.testing import RedisServer, kill_and_wait, wait_for
 
 SPAWN = multiprocessing.get_context("spawn")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import kill_and_wait, pids_alive, redis_url, server_processes
+from conftest import redis_url, server_processes
 from shared_core import SharedState, StateUnavailable
-from shared_core.testing import RedisServer, wait_for
+from shared_core.testing import RedisServer, kill_and_wait, pids_alive, wait_for
 
 
 @pytest.fixture

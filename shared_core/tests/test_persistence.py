@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kill_and_wait, server_processes
+from conftest import server_processes
 from shared_core import SharedState, StateUnavailable
 from shared_core._config import base_dir
-from shared_core.testing import wait_for
+from shared_core.testing import kill_and_wait, wait_for
 
 
 def _snapshot(app: str) -> Path:

@@ -77,8 +77,15 @@ def test_8_processes_mutate_one_list_and_lose_nothing(url: str) -> None:
     assert sorted(items) == sorted([tag, i] for tag in range(8) for i in range(50))
 
 
-def test_16_spawned_processes_starting_at_once_make_one_server(app: str, manager_url: str) -> None:
-    url = manager_url
+@pytest.fixture
+def steady_url(app: str) -> str:
+    """The embedded engine, with a server that outlives short idle gaps on a
+    loaded machine (killed at teardown; the exit rule has tests of its own)."""
+    return f"local://{app}?linger=10"
+
+
+def test_16_spawned_processes_starting_at_once_make_one_server(app: str, steady_url: str) -> None:
+    url = steady_url
     barrier = SPAWN.Barrier(16)
     out = SPAWN.Queue()
     procs = [SPAWN.Process(target=_start_together, args=(url, barrier, out)) for _ in range(16)]
@@ -96,7 +103,8 @@ def _daemonic_incr(url: str, out: Any) -> None:
     out.put(SharedState(url).incr("n"))
 
 
-def test_a_daemonic_process_starts_the_server(app: str, manager_url: str) -> None:
+def test_a_daemonic_process_starts_the_server(app: str, steady_url: str) -> None:
+    manager_url = steady_url
     # hypercorn's workers are daemonic: multiprocessing forbids them children,
     # so the server must be started some other way.
     out = SPAWN.Queue()
@@ -110,9 +118,9 @@ def test_a_daemonic_process_starts_the_server(app: str, manager_url: str) -> Non
 
 
 def test_state_survives_sigkill_of_the_process_that_started_the_server(
-    app: str, manager_url: str
+    app: str, steady_url: str
 ) -> None:
-    url = manager_url
+    url = steady_url
     done = SPAWN.Event()
     starter = SPAWN.Process(target=_set_and_die, args=(url, done))
     starter.start()

@@ -121,7 +121,7 @@ class NaiveCounters:
         pass
 
     async def reload(self) -> int:
-        # Reaches only the worker that got the request: the bug of seed 002.
+        # Reaches only the worker that got the request: the other workers never hear of it.
         self.generation += 1
         return self.generation
 
@@ -144,7 +144,8 @@ async def attach_counters(
 ) -> AsyncIterator[tuple[Counters, Callable[[], Awaitable[str]]]]:
     """Yield the counters, and how to get the session secret, for one worker's life."""
     if settings.mode == "naive":
-        # The bug of seed 004: every worker makes up its own key.
+        # The usual bug: every worker makes up its own key, so a session cookie
+        # signed by one worker is rejected by the others.
         key = secrets.token_hex(32)
 
         async def own_key() -> str:

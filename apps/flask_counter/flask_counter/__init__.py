@@ -42,7 +42,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     counters: Counters
     if app.config["COUNTER_MODE"] == "naive":
-        # The bug of seed 004: every worker makes up its own key.
+        # The usual bug: every worker makes up its own key, so a session cookie
+        # signed by one worker is rejected by the others.
         app.secret_key = secrets.token_hex(32)
         counters = NaiveCounters()
     else:

@@ -116,7 +116,7 @@ class NaiveCounters:
         pass
 
     def reload(self) -> int:
-        # Reaches only the worker that got the request: the bug of seed 002.
+        # Reaches only the worker that got the request: the other workers never hear of it.
         self.generation += 1
         return self.generation
 

@@ -1,14 +1,23 @@
 """One shared state for every worker process of a Flask, Quart or FastAPI app."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from ._aio import AsyncSharedState
 from ._broadcast import AsyncSubscription, Subscription
-from ._errors import ConfigError, LockTimeout, StateError, StateUnavailable
-from ._persist import SnapshotError
+from ._errors import (
+    CapacityError,
+    ConfigError,
+    LockTimeout,
+    SnapshotError,
+    StateError,
+    StateUnavailable,
+)
 from ._state import SharedState
 
 __all__ = [
     "AsyncSharedState",
     "AsyncSubscription",
+    "CapacityError",
     "ConfigError",
     "LockTimeout",
     "SharedState",
@@ -17,4 +26,8 @@ __all__ = [
     "StateUnavailable",
     "Subscription",
 ]
-__version__ = "0.1.0"
+
+try:
+    __version__ = version("shared-core")
+except PackageNotFoundError:  # pragma: no cover - run from a source tree
+    __version__ = "0+unknown"

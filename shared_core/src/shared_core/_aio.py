@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any
 
 from ._broadcast import AsyncSubscription
+from ._checks import (
+    check_amount,
+    check_key,
+    check_keys,
+    check_mapping,
+    check_nbytes,
+    check_timeout,
+    check_ttl,
+    check_version,
+)
 from ._config import Config, resolve
-from ._engines import async_engine
 from ._errors import LockTimeout
-from ._state import check_amount, check_key, check_nbytes, check_timeout
+from .engines import async_engine
 
 
 class AsyncSharedState:
@@ -39,37 +48,81 @@ class AsyncSharedState:
 
     async def get(self, key: str, default: Any = None) -> Any:
         """Return a copy of the value of ``key``, or ``default``."""
-        return self._codec.decode(await self._engine.call("get", check_key(key)), default)
+        return self._codec.decode(await self._engine.get(check_key(key)), default)
 
-    async def set(self, key: str, value: Any) -> None:
-        """Store ``value`` under ``key``; TypeError if it cannot be pickled."""
-        await self._engine.call("set", check_key(key), self._codec.encode(value))
+    async def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        """Store ``value`` under ``key`` (see :meth:`SharedState.set`)."""
+        await self._engine.set(check_key(key), self._codec.encode(value), check_ttl(ttl))
+
+    async def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
+        """Store ``value`` only if ``key`` is missing (or expired); return whether it did."""
+        raw = self._codec.encode(value)
+        return await self._engine.add(check_key(key), raw, check_ttl(ttl))
 
     async def delete(self, key: str) -> bool:
         """Remove ``key``; return whether it existed."""
-        return bool(await self._engine.call("delete", check_key(key)))
+        return await self._engine.delete(check_key(key))
 
-    async def incr(self, key: str, amount: int = 1) -> int:
-        """Add ``amount`` to the int at ``key`` (0 if missing) on the server; return it."""
-        return int(await self._engine.call("incr", check_key(key), check_amount(amount)))
+    async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
+        """Add ``amount`` to the int at ``key`` (see :meth:`SharedState.incr`)."""
+        return await self._engine.incr(check_key(key), check_amount(amount), check_ttl(ttl))
 
     async def setdefault(self, key: str, value: Any) -> Any:
         """Store ``value`` unless ``key`` exists; return the stored value."""
-        return self._codec.decode(
-            await self._engine.call("setdefault", check_key(key), self._codec.encode(value))
+        raw = self._codec.encode(value)
+        return self._codec.decode(await self._engine.setdefault(check_key(key), raw))
+
+    async def expire(self, key: str, ttl: float | None) -> bool:
+        """Make ``key`` expire ``ttl`` seconds from now (None: never); False if missing."""
+        return await self._engine.expire(check_key(key), check_ttl(ttl))
+
+    async def ttl(self, key: str) -> float | None:
+        """Seconds until ``key`` expires; ``math.inf`` if it never does; None if missing."""
+        return await self._engine.ttl(check_key(key))
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The values of those ``keys`` that exist, in one round trip."""
+        found = await self._engine.get_many(check_keys(keys))
+        return {k: self._codec.decode(raw) for k, raw in found.items()}
+
+    async def set_many(self, mapping: Mapping[str, Any], ttl: float | None = None) -> None:
+        """Store every item of ``mapping`` at once (all or nothing), in one round trip."""
+        items = {k: self._codec.encode(v) for k, v in check_mapping(mapping).items()}
+        await self._engine.set_many(items, check_ttl(ttl))
+
+    async def delete_many(self, keys: Iterable[str]) -> int:
+        """Remove ``keys`` in one round trip; return how many existed."""
+        return await self._engine.delete_many(check_keys(keys))
+
+    async def get_versioned(self, key: str, default: Any = None) -> tuple[Any, int | None]:
+        """Return ``(value, version)`` (see :meth:`SharedState.get_versioned`)."""
+        raw, version = await self._engine.get_versioned(check_key(key))
+        return self._codec.decode(raw, default), version
+
+    async def set_if_version(
+        self, key: str, value: Any, version: int | None, ttl: float | None = None
+    ) -> bool:
+        """Store ``value`` only if ``key`` is still at ``version`` (None: only if missing)."""
+        raw = self._codec.encode(value)
+        return await self._engine.set_if_version(
+            check_key(key), raw, check_version(version), check_ttl(ttl)
         )
 
     async def keys(self, prefix: str = "") -> list[str]:
         """Return the sorted keys that start with ``prefix``."""
-        return list(await self._engine.call("keys", check_key(prefix)))
+        return await self._engine.keys(check_key(prefix))
 
     async def clear(self, prefix: str = "") -> int:
         """Remove every key that starts with ``prefix``; return how many."""
-        return int(await self._engine.call("clear", check_key(prefix)))
+        return await self._engine.clear(check_key(prefix))
 
     async def secret(self, name: str, nbytes: int = 32) -> str:
         """Return a random hex secret made once per deployment (see ``SharedState``)."""
-        return str(await self._engine.call("secret", check_key(name), check_nbytes(nbytes)))
+        return await self._engine.secret(check_key(name), check_nbytes(nbytes))
+
+    async def rotate_secret(self, name: str, nbytes: int = 32) -> str:
+        """Replace the secret ``name`` with a new random one and return it."""
+        return await self._engine.rotate_secret(check_key(name), check_nbytes(nbytes))
 
     @asynccontextmanager
     async def lock(self, name: str, timeout: float | None = None) -> AsyncIterator[None]:
@@ -101,7 +154,7 @@ class AsyncSharedState:
     async def publish(self, channel: str, message: Any) -> int:
         """Send ``message`` to every current subscriber of ``channel`` (see ``SharedState``)."""
         raw = self._codec.encode(message)
-        return int(await self._engine.call("publish", check_key(channel), raw))
+        return await self._engine.publish(check_key(channel), raw)
 
     def subscribe(
         self, *channels: str, on_connect: Callable[[], Awaitable[None]] | None = None
@@ -122,7 +175,7 @@ class AsyncSharedState:
 
     async def info(self) -> dict[str, Any]:
         """Return what the server reports about itself (pid, clients, keys, ...)."""
-        return dict(await self._engine.call("info"))
+        return await self._engine.info()
 
     async def aclose(self) -> None:
         """Close the connections (a later call reconnects)."""

@@ -18,8 +18,8 @@ from types import TracebackType
 from typing import Any
 
 from ._codec import Codec
-from ._engines import AsyncEngine, Engine
 from ._errors import StateError, StateUnavailable
+from .engines import AsyncEngine, Engine
 
 log = logging.getLogger("shared_core.broadcast")
 

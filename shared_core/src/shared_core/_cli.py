@@ -17,7 +17,7 @@ from ._errors import StateError
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ._server import serve
+    from .engines.embedded.server import serve
 
     config = resolve(args.url, args.app)
     if args.allow_remote:
@@ -64,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
         [sys.executable, "-m", "shared_core", "serve", "--url", url, "--app", args.app]
     )
     env = dict(os.environ, **{ENV_URL: url})
-    from ._lifecycle import connect
+    from .engines.embedded.lifecycle import connect
 
     try:
         connect(resolve(url)).close()  # wait until it answers

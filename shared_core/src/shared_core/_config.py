@@ -14,9 +14,12 @@ One URL selects everything. The forms are:
     ``shared_core:APP:``.
 
 Query parameters: ``linger`` (seconds an auto-started server stays without
-clients), ``connect_timeout``, ``op_timeout``, ``allow_remote`` (server only);
-for Redis also ``app``, ``serializer`` (``json`` or ``pickle``) and
-``lock_lease``. Other query parameters of a Redis URL go to redis-py.
+clients), ``connect_timeout``, ``op_timeout``, ``allow_remote`` (server only),
+``persist`` and ``snapshot_interval`` (snapshots), ``max_keys`` and
+``eviction`` (a bound on the embedded store), ``data_dir`` (where the embedded
+server keeps the deployment's secrets); for Redis also ``app``,
+``serializer`` (``json`` or ``pickle``) and ``lock_lease``. Other query
+parameters of a Redis URL go to redis-py.
 """
 
 from __future__ import annotations
@@ -41,10 +44,14 @@ ENV_AUTHKEY_FILE = "SHARED_STATE_AUTHKEY_FILE"
 DEFAULT_APP = "default"
 DEFAULT_LINGER = 10.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
-DEFAULT_OP_TIMEOUT = 30.0
+# Well under every app server's worker timeout (gunicorn: 30 s), so that a
+# frozen state server gives the app a 503 before its worker is killed.
+DEFAULT_OP_TIMEOUT = 5.0
 DEFAULT_LOCK_LEASE = 30.0
 DEFAULT_SNAPSHOT_INTERVAL = 5.0
 SNAPSHOT_NAME = "snapshot.json"
+SECRETS_NAME = "secrets.json"
+EVICTION_POLICIES = ("volatile-lru", "allkeys-lru", "noeviction")
 REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
 _OURS = {
     "linger",
@@ -54,6 +61,9 @@ _OURS = {
     "app",
     "serializer",
     "lock_lease",
+    "max_keys",
+    "eviction",
+    "data_dir",
 }
 
 SOCKET_NAME = "state.sock"
@@ -77,13 +87,17 @@ class Config:
     autostart: bool
     linger: float
     connect_timeout: float
-    op_timeout: float | None
+    op_timeout: float
     allow_remote: bool
     app: str = DEFAULT_APP
     serializer: str = "json"  # Redis only: "json", or "pickle" by opt-in
     lock_lease: float = DEFAULT_LOCK_LEASE  # Redis only
     snapshot: Path | None = None  # manager only: where the state is persisted
     snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL
+    max_keys: int | None = None  # embedded only
+    eviction: str = "volatile-lru"  # embedded only, with max_keys
+    # Embedded only: where the server keeps what must outlive it (secrets).
+    data_dir: Path | None = None
 
     @property
     def is_redis(self) -> bool:
@@ -144,10 +158,30 @@ def base_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"shared_core-{os.geteuid()}"
 
 
-def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (mode 0700) or check that an existing one is private to us."""
+def data_home() -> Path:
+    """Where servers keep files that outlive them: ``$XDG_STATE_HOME/shared_core``
+    (default ``~/.local/state/shared_core``)."""
+    state_home = os.environ.get("XDG_STATE_HOME")
+    if state_home and os.path.isabs(state_home):
+        return Path(state_home) / "shared_core"
+    return Path.home() / ".local" / "state" / "shared_core"
+
+
+def ensure_private_dir(path: Path, *, parents: bool = False) -> Path:
+    """Create ``path`` (mode 0700) or check that an existing one is private to us.
+
+    With ``parents``, missing parents are made too (0700, as ``mkdir -p``
+    would with this umask); only ``path`` itself is checked.
+    """
+    if parents:
+        old = os.umask(0o077)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        finally:
+            os.umask(old)
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)  # whatever the umask (a server runs with 0o177)
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{path} is not a directory (a symlink is refused)")
@@ -203,9 +237,10 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
     query = parse_qs(parts.query)
     linger = _float(query, "linger", DEFAULT_LINGER)
     connect_timeout = _float(query, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)
-    op_timeout: float | None = _float(query, "op_timeout", DEFAULT_OP_TIMEOUT)
-    if op_timeout == 0:
-        op_timeout = None
+    op_timeout = _float(query, "op_timeout", DEFAULT_OP_TIMEOUT)
+    if op_timeout == 0 or connect_timeout == 0:
+        # Every wait is bounded: there is no "wait for ever".
+        raise ConfigError("connect_timeout and op_timeout must be > 0 seconds")
     allow_remote = query.get("allow_remote", ["0"])[-1].lower() in ("1", "true", "yes")
     lock_lease = _float(query, "lock_lease", DEFAULT_LOCK_LEASE)
     serializer = query.get("serializer", ["json"])[-1]
@@ -213,6 +248,13 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         raise ConfigError(f"serializer={serializer!r}: use json or pickle")
     snapshot_interval = _float(query, "snapshot_interval", DEFAULT_SNAPSHOT_INTERVAL)
     persist = query.get("persist", [""])[-1]
+    max_keys = _max_keys(query)
+    eviction = query.get("eviction", ["volatile-lru"])[-1]
+    if eviction not in EVICTION_POLICIES:
+        raise ConfigError(f"eviction={eviction!r}: use one of {', '.join(EVICTION_POLICIES)}")
+    data_dir_arg = query.get("data_dir", [""])[-1]
+    if data_dir_arg and not data_dir_arg.startswith("/"):
+        raise ConfigError(f"data_dir={data_dir_arg!r} must be an absolute path")
     scheme = parts.scheme
     address: str | tuple[str, int]
     state_dir: Path | None = None
@@ -255,8 +297,18 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         snapshot = state_dir / SNAPSHOT_NAME
     elif persist not in ("", "0", "false", "no"):
         raise ConfigError(f"persist={persist!r}: use 1 or an absolute path")
-    if snapshot is not None and scheme in REDIS_SCHEMES:
-        raise ConfigError("persist= is for the manager engine; Redis persists by itself")
+    if scheme in REDIS_SCHEMES and (snapshot is not None or max_keys is not None or data_dir_arg):
+        raise ConfigError(
+            "persist=, max_keys= and data_dir= are for the embedded engine; "
+            "Redis has its own persistence and maxmemory settings"
+        )
+    data_dir: Path | None = None
+    if data_dir_arg:
+        data_dir = Path(data_dir_arg)
+    elif scheme == "local":
+        # An auto-started server leaves with the app server: the deployment's
+        # secrets must not leave with it (users would be logged out).
+        data_dir = data_home() / name
     if scheme in ("local", "unix") and len(os.fsencode(str(address))) > _MAX_SOCKET_PATH:
         raise ConfigError(f"socket path {address} is too long for a Unix socket")
     return Config(
@@ -274,4 +326,20 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         lock_lease=lock_lease,
         snapshot=snapshot,
         snapshot_interval=snapshot_interval,
+        max_keys=max_keys,
+        eviction=eviction,
+        data_dir=data_dir,
     )
+
+
+def _max_keys(query: dict[str, list[str]]) -> int | None:
+    if "max_keys" not in query:
+        return None
+    raw = query["max_keys"][-1]
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"max_keys={raw!r} is not a whole number") from None
+    if value < 1:
+        raise ConfigError(f"max_keys must be >= 1, not {raw}")
+    return value

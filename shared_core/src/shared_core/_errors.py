@@ -22,3 +22,13 @@ class LockTimeout(StateError, TimeoutError):
 
 class ConfigError(StateError, ValueError):
     """The URL, address, authkey or directory settings are invalid or unsafe."""
+
+
+class CapacityError(StateError):
+    """A write of new keys would go past ``max_keys`` and the eviction policy
+    allows nothing to be evicted; nothing was written."""
+
+
+class SnapshotError(StateError):
+    """A file the embedded server keeps (a snapshot, the secrets) exists but
+    cannot be used (corrupt, foreign, newer); it is left as it is."""

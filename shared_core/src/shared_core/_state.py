@@ -2,46 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
 from ._broadcast import Subscription
+from ._checks import (
+    check_amount,
+    check_key,
+    check_keys,
+    check_mapping,
+    check_nbytes,
+    check_timeout,
+    check_ttl,
+    check_version,
+)
 from ._config import Config, resolve
-from ._engines import sync_engine
 from ._errors import LockTimeout
-
-MIN_SECRET_BYTES = 16
-MAX_SECRET_BYTES = 1024
-
-
-def check_key(key: object) -> str:
-    if not isinstance(key, str):
-        raise TypeError(f"keys are str, not {type(key).__name__}")
-    return key
-
-
-def check_amount(amount: object) -> int:
-    if type(amount) is not int:
-        raise TypeError(f"incr amounts are int, not {type(amount).__name__}")
-    return amount
-
-
-def check_timeout(timeout: object) -> float | None:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout is a number of seconds or None, not {timeout!r}")
-    if not timeout >= 0:
-        raise ValueError(f"timeout must be >= 0, not {timeout!r}")
-    return float(timeout)
-
-
-def check_nbytes(nbytes: object) -> int:
-    if type(nbytes) is not int or not MIN_SECRET_BYTES <= nbytes <= MAX_SECRET_BYTES:
-        raise ValueError(f"nbytes must be an int from {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES}")
-    return nbytes
+from .engines import sync_engine
 
 
 class SharedState:
@@ -71,41 +50,100 @@ class SharedState:
 
     def get(self, key: str, default: Any = None) -> Any:
         """Return a copy of the value of ``key``, or ``default``."""
-        return self._codec.decode(self._engine.call("get", check_key(key)), default)
+        return self._codec.decode(self._engine.get(check_key(key)), default)
 
-    def set(self, key: str, value: Any) -> None:
-        """Store ``value`` under ``key``; TypeError if it cannot be pickled."""
-        self._engine.call("set", check_key(key), self._codec.encode(value))
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        """Store ``value`` under ``key``, expiring after ``ttl`` seconds (None:
+        never; a previous expiry is removed). TypeError if it cannot be encoded."""
+        self._engine.set(check_key(key), self._codec.encode(value), check_ttl(ttl))
+
+    def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
+        """Store ``value`` only if ``key`` is missing (or expired); return whether it did."""
+        return self._engine.add(check_key(key), self._codec.encode(value), check_ttl(ttl))
 
     def delete(self, key: str) -> bool:
         """Remove ``key``; return whether it existed."""
-        return bool(self._engine.call("delete", check_key(key)))
+        return self._engine.delete(check_key(key))
 
-    def incr(self, key: str, amount: int = 1) -> int:
-        """Add ``amount`` to the int at ``key`` (0 if missing) on the server; return it."""
-        return int(self._engine.call("incr", check_key(key), check_amount(amount)))
+    def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
+        """Add ``amount`` to the int at ``key`` (0 if missing) on the server; return it.
+
+        ``ttl`` applies when this call creates the key (a fixed window, as a
+        rate limiter needs); an existing key keeps its expiry.
+        """
+        return self._engine.incr(check_key(key), check_amount(amount), check_ttl(ttl))
 
     def setdefault(self, key: str, value: Any) -> Any:
         """Store ``value`` unless ``key`` exists; return the stored value."""
         return self._codec.decode(
-            self._engine.call("setdefault", check_key(key), self._codec.encode(value))
+            self._engine.setdefault(check_key(key), self._codec.encode(value))
+        )
+
+    def expire(self, key: str, ttl: float | None) -> bool:
+        """Make ``key`` expire ``ttl`` seconds from now (None: never); False if missing."""
+        return self._engine.expire(check_key(key), check_ttl(ttl))
+
+    def ttl(self, key: str) -> float | None:
+        """Seconds until ``key`` expires; ``math.inf`` if it never does; None if missing."""
+        return self._engine.ttl(check_key(key))
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The values of those ``keys`` that exist, in one round trip."""
+        found = self._engine.get_many(check_keys(keys))
+        return {k: self._codec.decode(raw) for k, raw in found.items()}
+
+    def set_many(self, mapping: Mapping[str, Any], ttl: float | None = None) -> None:
+        """Store every item of ``mapping`` at once (all or nothing), in one round trip."""
+        items = {k: self._codec.encode(v) for k, v in check_mapping(mapping).items()}
+        self._engine.set_many(items, check_ttl(ttl))
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Remove ``keys`` in one round trip; return how many existed."""
+        return self._engine.delete_many(check_keys(keys))
+
+    def get_versioned(self, key: str, default: Any = None) -> tuple[Any, int | None]:
+        """Return ``(value, version)``; ``(default, None)`` if ``key`` is missing.
+
+        The version changes on every write of the key; hand it to
+        :meth:`set_if_version` to write only if nobody wrote in between.
+        """
+        raw, version = self._engine.get_versioned(check_key(key))
+        return self._codec.decode(raw, default), version
+
+    def set_if_version(
+        self, key: str, value: Any, version: int | None, ttl: float | None = None
+    ) -> bool:
+        """Store ``value`` only if ``key`` is still at ``version`` (None: only if
+        missing); atomic on the server. Return whether it did."""
+        return self._engine.set_if_version(
+            check_key(key), self._codec.encode(value), check_version(version), check_ttl(ttl)
         )
 
     def keys(self, prefix: str = "") -> list[str]:
         """Return the sorted keys that start with ``prefix``."""
-        return list(self._engine.call("keys", check_key(prefix)))
+        return self._engine.keys(check_key(prefix))
 
     def clear(self, prefix: str = "") -> int:
         """Remove every key that starts with ``prefix``; return how many."""
-        return int(self._engine.call("clear", check_key(prefix)))
+        return self._engine.clear(check_key(prefix))
 
     def secret(self, name: str, nbytes: int = 32) -> str:
         """Return a random hex secret made once per deployment (e.g. ``SECRET_KEY``).
 
-        Every worker gets the same value; ``nbytes`` only matters the first time.
-        Secrets are kept apart from keys: ``keys()`` and ``clear()`` never see them.
+        Every worker gets the same value, and it outlives restarts of the app
+        server (see the package README for where it is kept); ``nbytes`` only
+        matters the first time. Secrets are kept apart from keys: ``keys()``
+        and ``clear()`` never see them.
         """
-        return str(self._engine.call("secret", check_key(name), check_nbytes(nbytes)))
+        return self._engine.secret(check_key(name), check_nbytes(nbytes))
+
+    def rotate_secret(self, name: str, nbytes: int = 32) -> str:
+        """Replace the secret ``name`` with a new random one and return it.
+
+        Workers that read the old value keep it until they read it again
+        (for ``SECRET_KEY``: reload the app server after rotating).
+        """
+        return self._engine.rotate_secret(check_key(name), check_nbytes(nbytes))
 
     @contextmanager
     def lock(self, name: str, timeout: float | None = None) -> Iterator[None]:
@@ -148,7 +186,7 @@ class SharedState:
         Returns how many subscribers it was queued for (on Redis: how many
         Redis clients). See :meth:`subscribe` for the delivery guarantee.
         """
-        return int(self._engine.call("publish", check_key(channel), self._codec.encode(message)))
+        return self._engine.publish(check_key(channel), self._codec.encode(message))
 
     def subscribe(
         self,
@@ -172,7 +210,7 @@ class SharedState:
 
     def info(self) -> dict[str, Any]:
         """Return what the server reports about itself (pid, clients, keys, ...)."""
-        return dict(self._engine.call("info"))
+        return self._engine.info()
 
     def close(self) -> None:
         """Close this process's connections (a later call reconnects)."""

@@ -13,47 +13,24 @@ it sees. It is therefore the child of no worker and outlives all of them.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client, Connection
+from multiprocessing.connection import Connection
 from pathlib import Path
 
-from ._config import LOG_NAME, Config, base_dir, ensure_private_dir
-from ._errors import StateUnavailable
-from ._server import start_lock
+from ..._backoff import Backoff
+from ..._config import LOG_NAME, START_LOCK_NAME, Config, base_dir, ensure_private_dir
+from ..._errors import StateUnavailable
+from .protocol import NoServer, open_connection
 
-# The manager protocol's request that turns a fresh connection into one
-# that serves method calls on shared objects.
-_HANDSHAKE: tuple[None, str, tuple[str], dict[str, object]] = (
-    None,
-    "accept_connection",
-    ("shared_core",),
-    {},
-)
-_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-def open_connection(config: Config) -> Connection:
-    """One attempt: connect, authenticate, handshake. Raises OSError if no server."""
-    try:
-        authkey = config.read_authkey()
-    except FileNotFoundError as exc:
-        raise ConnectionRefusedError(f"no authkey yet at {exc.filename}") from None
-    conn = Client(config.address, family=config.family, authkey=authkey)
-    try:
-        conn.send(_HANDSHAKE)
-        kind, result = conn.recv()
-    except BaseException:
-        conn.close()
-        raise
-    if kind != "#RETURN":
-        conn.close()
-        raise StateUnavailable(f"state server refused the connection: {result}")
-    return conn
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
 
 
 def connect(config: Config) -> Connection:
@@ -63,39 +40,43 @@ def connect(config: Config) -> Connection:
     :class:`StateUnavailable`.
     """
     deadline = time.monotonic() + config.connect_timeout
-    delay = 0.01
+    retry = Backoff(deadline)
     while True:
         try:
             if config.autostart:
                 return _join_or_start(config, deadline)
-            return open_connection(config)
+            return open_connection(config, deadline)
         except AuthenticationError:
             raise StateUnavailable(f"{config.url}: the state server rejected our authkey") from None
         except (OSError, EOFError) as exc:
-            if time.monotonic() + delay > deadline:
+            if not retry.sleep():
                 raise StateUnavailable(
-                    f"cannot reach the state server at {config.url}: {exc}"
+                    f"cannot reach the state server at {config.url} within "
+                    f"connect_timeout={config.connect_timeout:g}s: {exc!r}"
                 ) from exc
-        time.sleep(delay)
-        delay = min(delay * 2, 0.25)
 
 
 def _join_or_start(config: Config, deadline: float) -> Connection:
     try:
-        return open_connection(config)
-    except (OSError, EOFError):
+        return open_connection(config, deadline)
+    except NoServer:
         pass
+    # Anything else (a server that does not answer in time, that hangs up)
+    # propagates: a frozen server is still the server, and starting another
+    # would replace its authkey under it.
     assert config.state_dir is not None
     ensure_private_dir(base_dir())
     ensure_private_dir(config.state_dir)
-    with start_lock(config):
+    with start_lock(config, deadline=deadline) as locked:
+        if not locked:
+            raise TimeoutError(f"the start lock of {config.state_dir} was busy until the deadline")
         try:
-            return open_connection(config)
-        except (OSError, EOFError):
+            return open_connection(config, deadline)
+        except NoServer:
             pass
         config.ensure_authkey(regenerate=True)
         start_server(config, deadline)
-    return open_connection(config)
+    return open_connection(config, deadline)
 
 
 def start_server(config: Config, deadline: float) -> int:
@@ -108,6 +89,11 @@ def start_server(config: Config, deadline: float) -> int:
     env = dict(os.environ)
     # The server must import this very package, wherever it came from.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    # CPython's small-object arenas return to the system only when wholly
+    # empty, so a mass expiry would leave most of its memory behind; the C
+    # allocator gives freed pages back (measured: 362 -> 28 MiB, not 109 MiB,
+    # after a million keys expire), at no measurable cost per call.
+    env.setdefault("PYTHONMALLOC", "malloc")
     cmd = [
         sys.executable, "-m", "shared_core", "serve",
         "--url", config.url,
@@ -152,3 +138,36 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError as exc:
         return f"(unreadable: {exc})"
+
+
+@contextmanager
+def start_lock(
+    config: Config, *, wait: bool = True, deadline: float | None = None
+) -> Iterator[bool]:
+    """Serialize starting and stopping the server of one private directory.
+
+    Yields whether the lock is held: without ``wait``, only if it was free;
+    with ``deadline`` (a ``time.monotonic()`` value), if it came free by then;
+    otherwise always True, after waiting as long as it takes.
+    """
+    assert config.state_dir is not None
+    fd = os.open(config.state_dir / START_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        yield _flock(fd, wait, deadline)
+    finally:
+        os.close(fd)
+
+
+def _flock(fd: int, wait: bool, deadline: float | None) -> bool:
+    if wait and deadline is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return True
+    # flock() itself takes no timeout: try, and try again until the deadline.
+    retry = Backoff(deadline if wait else time.monotonic(), first=0.002, cap=0.05)
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if not retry.sleep():
+                return False

@@ -1,0 +1,344 @@
+"""The state server: a ``multiprocessing.managers.Server`` holding one store.
+
+Each client connection is served by its own thread (the manager's model), so
+the identity of the serving thread is the identity of the connection: locks
+are owned by connections and released when a connection ends, however its
+client died.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from multiprocessing import managers
+from multiprocessing.connection import Connection
+from pathlib import Path
+from traceback import format_exc
+from typing import Any
+
+from ..._config import SECRETS_NAME, Config, ensure_private_dir, is_loopback
+from ..._errors import ConfigError
+from . import snapshot
+from .lifecycle import start_lock
+from .protocol import ERROR, RETURN, STORE_ID, TRACEBACK
+from .store import Store
+
+log = logging.getLogger("shared_core.server")
+
+_TICK = 0.25  # seconds between checks of the exit rule and snapshot times
+_SWEEP_EVERY = 0.1
+_SWEEP_BUDGET = 0.05
+_SWEEP_BATCH = 64
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
+
+
+class StateServer(managers.Server):
+    """A manager server whose only object is the store, at a fixed id."""
+
+    def __init__(self, address: Any, authkey: bytes, store: Store) -> None:
+        super().__init__({}, address, authkey, "pickle")
+        self.store = store
+        self.stop_event = threading.Event()  # serve_forever() would make it
+        self.id_to_obj[STORE_ID] = (store, store.exposed, None)  # type: ignore[assignment]
+        self.inode: int | None = None
+        if isinstance(address, str):
+            self.inode = os.stat(address).st_ino
+            # We unlink the socket ourselves, and only while it is still ours.
+            listener = getattr(self, "listener", None)
+            unlink = getattr(getattr(listener, "_listener", None), "_unlink", None)
+            if unlink is not None:
+                unlink.cancel()
+
+    def close(self) -> None:
+        """Stop listening and remove the socket file if it is still this server's."""
+        address = self.address
+        if isinstance(address, str):
+            try:
+                if os.stat(address).st_ino == self.inode:
+                    os.unlink(address)
+            except FileNotFoundError:
+                pass
+        self.listener.close()  # type: ignore[attr-defined]
+
+    def serve_client(self, conn: Connection) -> None:
+        """Answer one connection's calls on the store, in order, until it closes.
+
+        The manager's own loop, minus what a single object at a fixed id
+        does not need (object lookups, proxies, fallbacks): same messages,
+        fewer steps on every call.
+        """
+        store, exposed, stop = self.store, self.store.exposed, self.stop_event
+        recv, send = conn.recv, conn.send
+        store.connected(lambda: _readable(conn))
+        try:
+            while not stop.is_set():
+                try:
+                    ident, method, args, kwds = recv()
+                except (EOFError, OSError):
+                    return
+                except Exception:
+                    msg: tuple[str, Any] = (TRACEBACK, format_exc())
+                else:
+                    if ident != STORE_ID or method not in exposed:
+                        msg = (TRACEBACK, f"no method {method!r} on {ident!r}")
+                    else:
+                        try:
+                            msg = (RETURN, getattr(store, method)(*args, **kwds))
+                        except Exception as exc:
+                            msg = (ERROR, exc)
+                try:
+                    send(msg)
+                except Exception:
+                    try:
+                        send(("#UNSERIALIZABLE", format_exc()))
+                    except Exception:
+                        return
+        finally:
+            conn.close()
+            store.disconnected()
+
+
+def _readable(conn: Connection) -> bool:
+    # A client waiting for a reply sends nothing, so readable means EOF.
+    try:
+        return conn.poll(0)
+    except OSError:
+        return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie master has exited; only its parent has not reaped it yet
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def check_bind(config: Config) -> None:
+    """Refuse a non-loopback TCP bind unless the user opted in."""
+    if config.scheme != "tcp":
+        return
+    host = config.address[0]
+    if is_loopback(str(host)):
+        return
+    if not config.allow_remote:
+        raise ConfigError(
+            f"refusing to bind {host}: the manager protocol unpickles what "
+            "authenticated clients send; add ?allow_remote=1 (or --allow-remote) "
+            "to expose it beyond loopback"
+        )
+    log.warning(
+        "binding %s beyond loopback: anyone holding the authkey who reaches this "
+        "port can run code in this process (the protocol unpickles requests)",
+        host,
+    )
+
+
+def serve(
+    config: Config,
+    *,
+    linger: float | None,
+    watch_pid: int | None = None,
+    start_locked: bool = False,
+    ready: Callable[[], None] | None = None,
+) -> int:
+    """Run the state server until a signal, ``shutdown``, or the exit rule.
+
+    Exit rule: with ``linger`` set, exit once no client has been connected for
+    ``linger`` seconds, or at once when no client is connected and the process
+    ``watch_pid`` (the app server's master) is gone. ``start_locked`` means the
+    process that started us holds the start lock for us.
+    """
+    check_bind(config)
+    if config.state_dir is not None and config.scheme == "local":
+        ensure_private_dir(config.state_dir.parent)
+    if config.state_dir is not None:
+        ensure_private_dir(config.state_dir)
+    authkey = config.ensure_authkey(regenerate=False)
+    _tune_allocator()
+    os.umask(0o177)  # the socket file (and any snapshot) is created 0600
+    secrets_file = _secrets_file(config)
+    store = Store(
+        max_keys=config.max_keys,
+        eviction=config.eviction,
+        on_secrets=None if secrets_file is None else partial(snapshot.write_secrets, secrets_file),
+    )
+    snapshots = _Snapshots(config.snapshot, config.snapshot_interval, store)
+    if secrets_file is not None:
+        # SnapshotError: refuse to start rather than hand out new secrets.
+        store.load_secrets(snapshot.read_secrets(secrets_file))
+    if isinstance(config.address, str) and not start_locked:
+        with start_lock(config):
+            _remove_stale_socket(config.address)
+            server = StateServer(config.address, authkey, store)
+    else:
+        if isinstance(config.address, str):
+            _remove_stale_socket(config.address)
+        server = StateServer(config.address, authkey, store)
+
+    stop = server.stop_event
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    threading.Thread(target=server.accepter, daemon=True, name="accepter").start()
+    threading.Thread(target=_sweeper, args=(store, stop), daemon=True, name="sweeper").start()
+    log.info("state server %d listening on %s", os.getpid(), _shown_address(config))
+    if ready is not None:
+        ready()
+
+    reason = "stopped"
+    while not stop.wait(_TICK):
+        snapshots.tick()
+        reason = _exit_reason(store, linger, watch_pid)
+        if not reason:
+            continue
+        if not isinstance(config.address, str):
+            server.close()
+            break
+        # Decide under the start lock, so that a client starting a server
+        # meanwhile either reached us (and we stay) or waits for us to go.
+        with start_lock(config, wait=False) as locked:
+            if locked and _exit_reason(store, linger, watch_pid):
+                server.close()
+                break
+    else:
+        server.close()
+    snapshots.save()
+    log.info("state server %d exiting: %s", os.getpid(), reason or "stopped")
+    return 0
+
+
+def _secrets_file(config: Config) -> Path | None:
+    if config.data_dir is None:
+        return None
+    try:
+        ensure_private_dir(config.data_dir, parents=True)
+    except (OSError, ConfigError) as exc:
+        # Serving matters more: secrets then last as long as this server.
+        log.warning("secrets are kept in memory only: %s", exc)
+        return None
+    return config.data_dir / SECRETS_NAME
+
+
+def _sweeper(store: Store, stop: threading.Event) -> None:
+    """Reclaim expired keys in the background, in small steps.
+
+    Every 0.1 s it removes what expired, 64 keys at a time, for at most
+    50 ms: half the time at most, and only while a mass expiry lasts. The
+    store's mutex and the GIL are let go between batches, so other clients'
+    calls wait one batch at most.
+    """
+    while not stop.wait(_SWEEP_EVERY):
+        started = time.monotonic()
+        while store.sweep(_SWEEP_BATCH) == _SWEEP_BATCH:
+            if time.monotonic() - started > _SWEEP_BUDGET:
+                break
+            # Let a connection thread take the GIL (sleep(0) would cost ~90 µs).
+            os.sched_yield()
+        if store.compact():
+            _give_back_memory()
+            log.debug("tables rebuilt after expiry: %d keys left", store.info()["keys"])
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    return None if name is None else ctypes.CDLL(name)
+
+
+def _tune_allocator() -> None:
+    # glibc raises its mmap threshold each time a large block is freed, after
+    # which large blocks (a big dict's table, a large request) come from heaps
+    # that it rarely gives back. A fixed threshold keeps them in their own
+    # mappings, returned to the system when freed.
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+
+
+def _give_back_memory() -> None:
+    # Freed small blocks stay in the C allocator's heaps; glibc can return them.
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+class _Snapshots:
+    """Load the snapshot at start; save one every ``interval`` after writes."""
+
+    def __init__(self, path: Path | None, interval: float, store: Store) -> None:
+        self.path, self.interval, self.store = path, interval, store
+        self.saved_version = store.version
+        self.next_save = time.monotonic() + interval
+        if path is None:
+            return
+        loaded = snapshot.read(path)  # SnapshotError: refuse to start, keep the file
+        if loaded is not None:
+            count = store.load(*loaded)
+            log.info("loaded %d keys from %s", count, path)
+
+    def tick(self) -> None:
+        if self.path is not None and time.monotonic() >= self.next_save:
+            self.next_save = time.monotonic() + self.interval
+            try:
+                self.save()
+            except OSError as exc:  # a full disk must not stop the server
+                log.error("could not write the snapshot %s: %s", self.path, exc)
+
+    def save(self) -> None:
+        if self.path is None or self.store.version == self.saved_version:
+            return
+        version, data, deadlines, secrets_ = self.store.dump()
+        snapshot.write(self.path, data, deadlines, secrets_)
+        self.saved_version = version
+
+
+def _exit_reason(store: Store, linger: float | None, watch_pid: int | None) -> str:
+    if linger is None or store.clients:
+        return ""
+    if watch_pid is not None and not _pid_alive(watch_pid):
+        return f"no client left and process {watch_pid} is gone"
+    if time.monotonic() - store.idle_since >= linger:
+        return f"no client for {linger:g}s"
+    return ""
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file no server answers on (the start lock is held)."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)  # a frozen server's full backlog would block connect()
+    try:
+        probe.connect(path)
+    except TimeoutError:
+        raise ConfigError(f"a state server is listening on {path} but not answering") from None
+    except OSError:
+        os.unlink(path)
+    else:
+        raise ConfigError(f"a state server is already listening on {path}")
+    finally:
+        probe.close()
+
+
+def _shown_address(config: Config) -> str:
+    if isinstance(config.address, str):
+        return f"unix:{config.address}"
+    return f"tcp:{config.address[0]}:{config.address[1]}"

@@ -1,0 +1,1 @@
+"""The integration suite; its harness (tests/harness.py) is importable as ``tests.harness``."""

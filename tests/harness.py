@@ -1,0 +1,383 @@
+"""The integration suite's harness: pairings, deployments, load, process discovery.
+
+A pairing is ``FRAMEWORK-SERVER[-WORKER][-redis]``: a reference app served
+by one server with 4 workers, on the embedded state or (``-redis``) on a real
+redis-server. ``PAIRINGS`` is the one list of them: tox.ini's env_list, the
+CI workflow, the benchmarks and the table in docs/testing.md are checked
+against it (tests/test_matrix.py). ``python -m tests.harness`` prints that table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from shared_core import testing
+from shared_core.testing import RedisServer, StateServer, free_port, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+APPS = {
+    "flask": ("flask_counter", "flask_counter.wsgi:app"),
+    "quart": ("quart_counter", "quart_counter.asgi:app"),
+    "fastapi": ("fastapi_counter", "fastapi_counter.main:app"),
+}
+FRAMEWORKS = {"flask": "Flask", "quart": "Quart", "fastapi": "FastAPI"}
+SERVERS = ("gunicorn", "hypercorn", "uvicorn")
+# gunicorn's worker class per factor; without one, what the app's gunicorn.conf.py says.
+GUNICORN_WORKERS = {"gthread": ["-k", "gthread", "--threads", "4"], "asgi": ["-k", "asgi"]}
+WORKERS = 4
+START_TIMEOUT = 60.0
+
+PAIRINGS = [
+    "flask-gunicorn", "flask-gunicorn-gthread", "flask-hypercorn",
+    "quart-hypercorn", "quart-uvicorn", "quart-gunicorn", "quart-gunicorn-asgi",
+    "fastapi-uvicorn", "fastapi-hypercorn", "fastapi-gunicorn", "fastapi-gunicorn-asgi",
+    "flask-gunicorn-redis", "quart-hypercorn-redis", "fastapi-uvicorn-redis",
+]  # fmt: skip
+
+
+class PairingError(ValueError):
+    """A pairing name that does not say FRAMEWORK-SERVER[-WORKER][-redis]."""
+
+
+@dataclass(frozen=True)
+class Pairing:
+    framework: str
+    server: str
+    worker: str = ""  # a gunicorn worker class of GUNICORN_WORKERS, or the default
+    redis: bool = False
+
+    @classmethod
+    def parse(cls, name: str) -> Pairing:
+        factors = name.split("-")
+        framework = factors[0]
+        server = factors[1] if len(factors) > 1 else ""
+        if framework not in APPS or server not in SERVERS:
+            raise PairingError(
+                f"pairing {name!r}: expected FRAMEWORK-SERVER with FRAMEWORK in "
+                f"{sorted(APPS)} and SERVER in {SERVERS}"
+            )
+        extra = factors[2:]
+        redis = extra[-1:] == ["redis"]
+        worker = extra[0] if extra and extra[0] != "redis" else ""
+        if len(extra) != bool(worker) + redis or (worker and server != "gunicorn"):
+            raise PairingError(f"pairing {name!r}: unknown factors {extra}")
+        if worker not in ("", *GUNICORN_WORKERS):
+            raise PairingError(f"pairing {name!r}: gunicorn worker {worker!r} is not one of ours")
+        return cls(framework, server, worker, redis)
+
+    @property
+    def name(self) -> str:
+        extra = (f"-{self.worker}" if self.worker else "") + ("-redis" if self.redis else "")
+        return f"{self.framework}-{self.server}{extra}"
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def app_name(self) -> str:
+        """The app's package, which is also its APP_NAME (its state's name)."""
+        return APPS[self.framework][0]
+
+    @property
+    def app_dir(self) -> Path:
+        return ROOT / "apps" / self.app_name
+
+    @property
+    def server_label(self) -> str:
+        """How docs/testing.md names the server and its workers."""
+        if self.server == "gunicorn":
+            if self.worker == "gthread":
+                return "gunicorn, gthread (4 threads)"
+            if self.worker == "asgi":
+                return "gunicorn, its own ASGI worker (`-k asgi`)"
+            if self.framework == "flask":
+                return "gunicorn, sync worker"
+            return "gunicorn + `uvicorn_worker.UvicornWorker`"
+        if self.server == "uvicorn":
+            return "uvicorn `--workers`"
+        return "hypercorn" + (" (WSGI)" if self.framework == "flask" else "")
+
+    def command(self, port: int, workers: int, max_requests: int) -> list[str]:
+        target = APPS[self.framework][1]
+        bind = f"127.0.0.1:{port}"
+        recycle = []
+        if max_requests:
+            recycle = ["--max-requests", str(max_requests),
+                       "--max-requests-jitter", str(max_requests // 5)]  # fmt: skip
+        if self.server == "gunicorn":
+            cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
+                   "-w", str(workers), "-b", bind,
+                   *GUNICORN_WORKERS.get(self.worker, []), *recycle]  # fmt: skip
+        elif self.server == "hypercorn":
+            cmd = [sys.executable, "-m", "hypercorn", "-c", "hypercorn.toml",
+                   "-w", str(workers), "-b", bind, *recycle]  # fmt: skip
+        else:
+            cmd = [sys.executable, "-m", "uvicorn", "--workers", str(workers),
+                   "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+            if max_requests:
+                cmd += ["--limit-max-requests", str(max_requests)]
+        return [*cmd, target]
+
+
+def pairing_table() -> str:
+    """The Markdown table of the pairings, as docs/testing.md shows it."""
+    rows = ["| env | framework | server | workers |", "|---|---|---|---|"]
+    for p in map(Pairing.parse, PAIRINGS):
+        framework = FRAMEWORKS[p.framework] + (", state in Redis" if p.redis else "")
+        rows.append(f"| `{p.name}` | {framework} | {p.server_label} | {WORKERS} |")
+    return "\n".join(rows) + "\n"
+
+
+# --- deployments -----------------------------------------------------------------
+
+
+@dataclass
+class Deployment:
+    """One app server with its workers, and what it printed."""
+
+    pairing: Pairing
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+    runtime_dir: Path
+    pids_seen: set[int] = field(default_factory=set)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def explain(self, message: str) -> str:
+        """``message`` followed by what the server printed (its last 80 lines)."""
+        tail = "\n".join(self.output().splitlines()[-80:])
+        return f"{message}\n--- {self.pairing} output ---\n{tail}"
+
+    def state_servers(self) -> list[psutil.Process]:
+        """Live state-server processes started for this deployment."""
+        return state_servers(self.runtime_dir)
+
+    def stop(self, timeout: float = 20) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        # Workers left behind by a master that died: end them too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.returncode
+
+
+def start(
+    pairing: Pairing,
+    workdir: Path,
+    *,
+    state_url: str | None = None,
+    mode: str = "shared",
+    workers: int = WORKERS,
+    max_requests: int = 0,
+    runtime_dir: Path | None = None,
+    state_home: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Deployment:
+    """Start the app server and wait until it answers /healthz.
+
+    ``workdir`` holds its output and (unless ``runtime_dir`` is given) its own
+    ``XDG_RUNTIME_DIR``, so that every deployment has its own embedded state
+    server unless ``state_url`` names another; likewise its ``XDG_STATE_HOME``
+    (where the deployment's secrets outlive it) unless ``state_home`` is given.
+    """
+    port = free_port()
+    if runtime_dir is None:
+        runtime_dir = workdir / "run"
+        runtime_dir.mkdir(mode=0o700)
+    if state_home is None:
+        state_home = workdir / "state"
+        state_home.mkdir(mode=0o700, exist_ok=True)
+    log = workdir / "server.log"
+    extra_env = env
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARED_STATE_")}
+    env.update(
+        XDG_RUNTIME_DIR=str(runtime_dir),
+        XDG_STATE_HOME=str(state_home),
+        COUNTER_MODE=mode,
+        PYTHONUNBUFFERED="1",
+    )
+    if state_url:
+        env["SHARED_STATE_URL"] = state_url
+    env.update(extra_env or {})
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            pairing.command(port, workers, max_requests),
+            cwd=pairing.app_dir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deployment = Deployment(pairing, proc, f"http://127.0.0.1:{port}", log, runtime_dir)
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(deployment.explain(f"{pairing} exited with {proc.returncode}"))
+        try:
+            r = httpx.get(f"{deployment.url}/healthz", timeout=2)
+            if r.status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            deployment.stop()
+            raise AssertionError(deployment.explain(f"{pairing} did not answer in time"))
+        time.sleep(0.1)
+    return deployment
+
+
+def state_servers(runtime_dir: Path) -> list[psutil.Process]:
+    """Live state-server processes started with this runtime directory."""
+    return testing.state_servers(runtime_dir=runtime_dir)
+
+
+def default_state_url(redis_socket: Path | None) -> str | None:
+    """A fresh namespace in the pairing's Redis, or None for the embedded default."""
+    if redis_socket is None:
+        return None
+    return f"redis+unix://{redis_socket}?app=it{uuid.uuid4().hex[:8]}"
+
+
+class ExplicitState:
+    """A state server run on its own: ``shared_core serve``, or a redis-server
+    for ``-redis`` pairings. Its URL gives up reconnecting after 0.5 s."""
+
+    def __init__(self, pairing: Pairing, workdir: Path) -> None:
+        self.server: StateServer | RedisServer
+        if pairing.redis:
+            self.server = redis = RedisServer(workdir)
+            self.url = redis.url("explicit", connect_timeout=0.5)
+        else:
+            self.server = served = StateServer(workdir, connect_timeout=0.5)
+            self.url = served.url
+
+    def start(self) -> None:
+        self.server.start()
+
+    def kill(self) -> None:
+        self.server.kill()
+
+
+# --- load ------------------------------------------------------------------------
+
+
+def final_count(d: Deployment) -> int:
+    """The count /report gives, asked again while workers restart (it is a read)."""
+    counts: list[int] = []
+
+    def ask() -> bool:
+        try:
+            r = httpx.get(f"{d.url}/report", timeout=10)
+        except httpx.TransportError:
+            return False
+        if r.status_code == 200:
+            counts.append(int(r.json()["count"]))
+        return bool(counts)
+
+    wait_for(ask, 30, "a /report answer")
+    return counts[-1]
+
+
+@dataclass
+class Outcome:
+    """What a load run saw: replies (status, JSON body) and transport errors."""
+
+    replies: list[tuple[int, Any]]
+    errors: list[str]
+    slowest: float = 0.0  # seconds, the slowest single request
+
+    @property
+    def ok(self) -> list[dict[str, Any]]:
+        return [body for status, body in self.replies if status == 200]
+
+    @property
+    def pids(self) -> set[int]:
+        return {body["pid"] for body in self.ok if "pid" in body}
+
+
+def hammer(
+    url: str,
+    path: str,
+    total: int,
+    concurrency: int = 100,
+    method: str = "POST",
+    *,
+    resend_dropped: bool = False,
+) -> Outcome:
+    """Send ``total`` requests from ``concurrency`` clients at once.
+
+    Every request opens its own connection, as separate clients would, so
+    that the server spreads them over its workers. With ``resend_dropped``,
+    a request whose connection the server closed without any response (as
+    uvicorn and hypercorn do to queued connections of a recycling worker) is
+    sent again, up to ``total`` times in all, so that ``total`` get answers.
+    """
+
+    async def run() -> Outcome:
+        outcome = Outcome([], [])
+        pending = [total]
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+
+            async def client_loop() -> None:
+                while pending[0] > 0:
+                    pending[0] -= 1
+                    started = time.monotonic()
+                    try:
+                        r = await client.request(method, path)
+                        outcome.replies.append((r.status_code, _json(r)))
+                    except httpx.TransportError as exc:
+                        outcome.errors.append(repr(exc))
+                        if resend_dropped and len(outcome.errors) <= total:
+                            pending[0] += 1
+                    outcome.slowest = max(outcome.slowest, time.monotonic() - started)
+
+            await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        return outcome
+
+    return asyncio.run(run())
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return {"text": response.text[:200]}
+
+
+def sample(url: str, path: str, n: int) -> list[dict[str, Any]]:
+    """``n`` sequential GETs, each on a new connection (to reach many workers)."""
+    bodies = []
+    for _ in range(n):
+        r = httpx.get(url + path, headers={"Connection": "close"}, timeout=30)
+        assert r.status_code == 200, (r.status_code, r.text)
+        bodies.append(r.json())
+    return bodies
+
+
+# Rows of the table the chaos tests print at the end of the run.
+CHAOS_ROWS: list[dict[str, Any]] = []
+
+
+if __name__ == "__main__":
+    print(pairing_table(), end="")
