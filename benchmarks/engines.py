@@ -70,6 +70,7 @@ class Setup:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         os.environ["XDG_RUNTIME_DIR"] = str(workdir)
+        os.environ["XDG_STATE_HOME"] = str(workdir)  # secrets of its servers too
         self.authkey = os.urandom(32)
         self.echo_address = str(workdir / "echo.sock")
         self.echo = SPAWN.Process(
@@ -254,7 +255,7 @@ def latency(setup: Setup, rounds: int, calls: int) -> dict[str, Any]:
 
 
 def _worker(setup_info: dict[str, Any], engine: str, seconds: float, start: Any, out: Any) -> None:
-    os.environ["XDG_RUNTIME_DIR"] = setup_info["workdir"]
+    os.environ["XDG_RUNTIME_DIR"] = os.environ["XDG_STATE_HOME"] = setup_info["workdir"]
     if engine == "shared_core manager async":
         out.put(asyncio.run(_async_worker(setup_info["manager_url"], seconds, start)))
         return

@@ -78,7 +78,7 @@ def main() -> None:
         return
 
     tmp = tempfile.mkdtemp(prefix="rt")
-    os.environ["XDG_RUNTIME_DIR"] = tmp
+    os.environ["XDG_RUNTIME_DIR"] = os.environ["XDG_STATE_HOME"] = tmp
     authkey = os.urandom(32)
     address = os.path.join(tmp, "echo.sock")
     # The echo server runs in a separate process, like the state server.

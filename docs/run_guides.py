@@ -1,12 +1,13 @@
-"""Run the shell blocks of the README and the deployment guides, as a reader would paste them.
+"""Run the shell blocks of the READMEs and the deployment pages, as a reader would paste them.
 
 A test per guide. A ```sh block preceded by ``<!-- docs: run -->`` must exit
 0; one preceded by ``<!-- docs: serve -->`` is started in the background and
 must answer ``GET http://127.0.0.1:8000/healthz`` within a minute; it runs
 until the next ``serve`` block, so the ``run`` blocks after it talk to it.
-Unmarked blocks (systemd, Docker, nginx, the test command) are shown, not run.
-Each guide runs in a fresh copy of the repository, as in a fresh clone, with
-its own runtime directory.
+Unmarked blocks (systemd, Docker, nginx) are shown, not run. The guides are
+the top-level README, the apps' READMEs and the pages of docs/deploying that
+have marked blocks. Each runs in a fresh copy of the repository, as in a
+fresh clone, with its own runtime and state directories.
 
     pytest docs/run_guides.py [-k flask_counter]      (tox -e docs)
 """
@@ -33,7 +34,11 @@ from shared_core.testing import RedisServer
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- docs: (run|serve) -->\s*\n```sh\n(.*?)```", re.S)
 IGNORED = shutil.ignore_patterns(".tox", ".venv", "__pycache__", "*.egg-info", "results", ".git")
-GUIDES = [ROOT / "README.md", *sorted(ROOT.glob("apps/*/README.md"))]
+GUIDES = [
+    ROOT / "README.md",
+    *sorted(ROOT.glob("apps/*/README.md")),
+    *sorted(p for p in ROOT.glob("docs/deploying/*.md") if BLOCK.search(p.read_text())),
+]
 
 
 def say(message: str) -> None:
@@ -105,6 +110,7 @@ def run_guide(guide: Path) -> int:
         k: v for k, v in os.environ.items() if not k.startswith(("SHARED_STATE_", "VIRTUAL_ENV"))
     }
     env["XDG_RUNTIME_DIR"] = str(runtime)
+    env["XDG_STATE_HOME"] = str(work / "state")  # the deployment's secrets, not the runner's
     cwd_file = work / "cwd"
     cwd = repo
     server: Server | None = None

@@ -53,6 +53,18 @@ LOCK_LEASE = 2  # seconds, for the Redis engine in these tests
 
 
 @pytest.fixture
+def unreachable(runtime_dir: Path) -> str:
+    """A state URL with nobody listening, given up on quickly."""
+    return f"unix://{runtime_dir}/nobody/state.sock?connect_timeout=0.5"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The async tests of the integrations run on asyncio."""
+    return "asyncio"
+
+
+@pytest.fixture
 def manager_url(app: str) -> str:
     """A URL of the embedded manager engine, for tests of its own lifecycle."""
     return f"local://{app}?linger=1"

@@ -97,6 +97,27 @@ def test_async_subscription_is_an_async_iterator(url: str) -> None:
     assert asyncio.run(main()) == [("a", 1), ("b", {"x": None})]
 
 
+def test_an_async_subscription_whose_on_connect_fails_unsubscribes(url: str) -> None:
+    # ``async with`` runs no exit when its entry raises (or is cancelled).
+    async def fail() -> None:
+        raise RuntimeError("on_connect failed")
+
+    async def main() -> int:
+        state = AsyncSharedState(url)
+        subscription = state.subscribe("a", on_connect=fail)
+        with pytest.raises(RuntimeError):
+            async with subscription:
+                pass
+        for _ in range(100):
+            if (reached := await state.publish("a", 1)) == 0:
+                break
+            await asyncio.sleep(0.02)
+        await state.aclose()
+        return reached
+
+    assert asyncio.run(main()) == 0
+
+
 def test_a_subscriber_resubscribes_after_the_server_restarts(
     engine: str, url: str, app: str, runtime_dir: Any
 ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,18 +21,6 @@ UNAVAILABLE = {"error": "the shared state is unavailable, try again"}
 
 # One extension for every app, as in an app factory.
 shared = SharedStateExtension()
-
-
-@pytest.fixture(autouse=True)
-def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Secrets of auto-started servers go to a temporary directory, not ~/.local."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-
-
-@pytest.fixture
-def unreachable(runtime_dir: Path) -> str:
-    """A state URL with nobody listening, given up on quickly."""
-    return f"unix://{runtime_dir}/nobody/state.sock?connect_timeout=0.5"
 
 
 def create_app(url: str, **config: Any) -> Flask:

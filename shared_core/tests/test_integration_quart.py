@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 pytest.importorskip("quart")
 
-from flask.sessions import SecureCookieSessionInterface
 from quart import Quart, session
 from quart import typing as quart_typing
+from quart.sessions import SecureCookieSessionInterface
 from quart.wrappers import Response
 
 from shared_core import AsyncSharedState, StateUnavailable
@@ -24,23 +23,6 @@ UNAVAILABLE = {"error": "the shared state is unavailable, try again"}
 
 # One extension for every app, as in an app factory.
 shared = SharedStateExtension()
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Secrets of auto-started servers go to a temporary directory, not ~/.local."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-
-
-@pytest.fixture
-def unreachable(runtime_dir: Path) -> str:
-    """A state URL with nobody listening, given up on quickly."""
-    return f"unix://{runtime_dir}/nobody/state.sock?connect_timeout=0.5"
 
 
 def create_app(url: str, **config: Any) -> Quart:
@@ -99,7 +81,7 @@ async def test_sessions_are_signed_with_the_secret_of_the_state(url: str, app: s
         check = Quart("check")
         async with AsyncSharedState(url) as state:
             check.secret_key = await state.secret("SECRET_KEY")
-        serializer = SecureCookieSessionInterface().get_signing_serializer(check)  # type: ignore[arg-type]
+        serializer = SecureCookieSessionInterface().get_signing_serializer(check)
         assert serializer is not None
         assert serializer.loads(session_cookie(again)) == {"visits": 2}
 

@@ -11,7 +11,6 @@ import base64
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,23 +38,6 @@ from shared_core.starlette import (
 pytestmark = pytest.mark.anyio
 
 UNAVAILABLE = {"error": "the shared state is unavailable, try again"}
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Secrets of auto-started servers go to a temporary directory, not ~/.local."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-
-
-@pytest.fixture
-def unreachable(runtime_dir: Path) -> str:
-    """A state URL with nobody listening, given up on quickly."""
-    return f"unix://{runtime_dir}/nobody/state.sock?connect_timeout=0.5"
 
 
 @asynccontextmanager

@@ -1,16 +1,16 @@
 """What ASGI servers load: ``fastapi_counter.main:app``."""
 
 import os
-from typing import Any
 
 from . import create_app
 
-app: Any = create_app()
+app = create_app()
+if os.environ.get("COUNTER_MODE") == "naive":  # only to show the bug: see naive.py
+    from .naive import app
 
-# Behind nginx (or another proxy) under hypercorn, trust that many hops of
-# X-Forwarded-* headers. uvicorn (and gunicorn's uvicorn worker) do this
-# themselves for --forwarded-allow-ips (127.0.0.1 by default): leave it unset.
+# Behind nginx under hypercorn, trust that many proxies' X-Forwarded-*; uvicorn (and
+# gunicorn's uvicorn worker) trust 127.0.0.1 by themselves (--forwarded-allow-ips).
 if hops := int(os.environ.get("TRUSTED_PROXY_HOPS", "0")):
     from hypercorn.middleware import ProxyFixMiddleware
 
-    app = ProxyFixMiddleware(app, mode="legacy", trusted_hops=hops)
+    app.add_middleware(ProxyFixMiddleware, mode="legacy", trusted_hops=hops)

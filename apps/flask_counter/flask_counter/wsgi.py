@@ -7,8 +7,9 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from . import create_app
 
 app = create_app()
+if os.environ.get("COUNTER_MODE") == "naive":  # only to show the bug: see naive.py
+    from .naive import app
 
-# Behind nginx (or another proxy), trust that many hops of X-Forwarded-*
-# headers; never set it when clients reach the server directly.
+# Behind nginx, trust that many proxies' X-Forwarded-* (never when clients reach us directly).
 if hops := int(os.environ.get("TRUSTED_PROXY_HOPS", "0")):
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]

@@ -124,7 +124,13 @@ class AsyncSubscription:
         """Subscribe now (``async with`` does it); StateUnavailable if it cannot."""
         self._handle = await self._engine.subscribe(self.channels)
         if self._on_connect is not None:
-            await self._on_connect()
+            try:
+                await self._on_connect()
+            except BaseException:
+                # Out of ``async with`` (failed or cancelled), whose exit will
+                # not run: close the connection here, or it leaks.
+                await self._drop()
+                raise
         return self
 
     async def __aenter__(self) -> AsyncSubscription:

@@ -48,6 +48,7 @@ from flask.typing import ResponseReturnValue
 
 from ._broadcast import Subscription
 from ._errors import StateUnavailable
+from ._extension import EXTENSION_KEY, SIGNING_KEY_NAME, UNAVAILABLE, ExtensionBase
 from ._state import SharedState
 
 __all__ = [
@@ -59,56 +60,18 @@ __all__ = [
     "subscribe",
 ]
 
-EXTENSION_KEY = "shared_core"
 _WORKER_KEY = "shared_core.worker"
-UNAVAILABLE = "the shared state is unavailable, try again"
-# The deployment-wide secret that signs sessions, unless told otherwise.
-SIGNING_KEY_NAME = "SECRET_KEY"
 
 
-class SharedStateExtension:
-    """Attach Flask apps to the shared state (``init_app``, or pass ``app``).
-
-    Parameters:
-        app: initialise this app now (else call :meth:`init_app` later,
-            once per app: the app-factory pattern).
-        url: where the state lives, for apps whose config has no
-            ``SHARED_STATE_URL``; default ``$SHARED_STATE_URL``, else ``local://APP``.
-        app_name: the app name that picks the ``local://`` address, for apps
-            whose config has no ``SHARED_STATE_APP``; default ``app.name``.
-        secret_name: the name of the deployment-wide secret that signs sessions.
-        sessions: sign sessions with that secret (a ``SECRET_KEY`` set in the
-            config is used instead).
-        errors: answer ``StateUnavailable`` with ``503 {"error": ...}``.
-    """
-
-    def __init__(
-        self,
-        app: Flask | None = None,
-        *,
-        url: str | None = None,
-        app_name: str | None = None,
-        secret_name: str = SIGNING_KEY_NAME,
-        sessions: bool = True,
-        errors: bool = True,
-    ) -> None:
-        self.url = url
-        self.app_name = app_name
-        self.secret_name = secret_name
-        self.sessions = sessions
-        self.errors = errors
-        if app is not None:
-            self.init_app(app)
+class SharedStateExtension(ExtensionBase[Flask, SharedState]):
+    __doc__ = ExtensionBase.__doc__
 
     def init_app(self, app: Flask) -> SharedState:
         """Give ``app`` its shared state, session signing and 503 handler; return the state.
 
         Nothing connects here: the first request (or call) does.
         """
-        if EXTENSION_KEY in app.extensions:
-            raise RuntimeError(f"shared_core is already initialised on app {app.name!r}")
-        url = app.config.get("SHARED_STATE_URL") or self.url
-        name = app.config.get("SHARED_STATE_APP") or self.app_name or app.name
+        url, name = self.where(app)
         state = SharedState(url, app=name)
         worker = _Worker(state)
         app.extensions[EXTENSION_KEY] = state

@@ -46,6 +46,7 @@ from quart.wrappers import BaseRequestWebsocket
 from ._aio import AsyncSharedState
 from ._background import Worker
 from ._errors import StateUnavailable
+from ._extension import EXTENSION_KEY, SIGNING_KEY_NAME, UNAVAILABLE, ExtensionBase
 
 __all__ = [
     "SharedSecretSessionInterface",
@@ -55,56 +56,18 @@ __all__ = [
     "get_state",
 ]
 
-EXTENSION_KEY = "shared_core"
 _WORKER_KEY = "shared_core.worker"
-UNAVAILABLE = "the shared state is unavailable, try again"
-# The deployment-wide secret that signs sessions, unless told otherwise.
-SIGNING_KEY_NAME = "SECRET_KEY"
 
 log = logging.getLogger("shared_core.quart")
 
 
-class SharedStateExtension:
-    """Attach Quart apps to the shared state (``init_app``, or pass ``app``).
-
-    Parameters:
-        app: initialise this app now (else call :meth:`init_app` later,
-            once per app: the app-factory pattern).
-        url: where the state lives, for apps whose config has no
-            ``SHARED_STATE_URL``; default ``$SHARED_STATE_URL``, else ``local://APP``.
-        app_name: the app name that picks the ``local://`` address, for apps
-            whose config has no ``SHARED_STATE_APP``; default ``app.name``.
-        secret_name: the name of the deployment-wide secret that signs sessions.
-        sessions: sign sessions with that secret (a ``SECRET_KEY`` set in the
-            config is used instead).
-        errors: answer ``StateUnavailable`` with ``503 {"error": ...}``.
-    """
-
-    def __init__(
-        self,
-        app: Quart | None = None,
-        *,
-        url: str | None = None,
-        app_name: str | None = None,
-        secret_name: str = SIGNING_KEY_NAME,
-        sessions: bool = True,
-        errors: bool = True,
-    ) -> None:
-        self.url = url
-        self.app_name = app_name
-        self.secret_name = secret_name
-        self.sessions = sessions
-        self.errors = errors
-        if app is not None:
-            self.init_app(app)
+class SharedStateExtension(ExtensionBase[Quart, AsyncSharedState]):
+    __doc__ = ExtensionBase.__doc__
 
     def init_app(self, app: Quart) -> AsyncSharedState:
         """Give ``app`` its shared state, session signing, 503 handler and
         serving hooks; return the state. Nothing connects here."""
-        if EXTENSION_KEY in app.extensions:
-            raise RuntimeError(f"shared_core is already initialised on app {app.name!r}")
-        url = app.config.get("SHARED_STATE_URL") or self.url
-        name = app.config.get("SHARED_STATE_APP") or self.app_name or app.name
+        url, name = self.where(app)
         state = AsyncSharedState(url, app=name)
         worker = Worker(state)
         app.extensions[EXTENSION_KEY] = state

@@ -41,6 +41,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ._aio import AsyncSharedState
 from ._background import Worker
 from ._errors import StateUnavailable
+from ._extension import SIGNING_KEY_NAME, UNAVAILABLE
 
 if TYPE_CHECKING:
     from fastapi import Depends
@@ -56,9 +57,6 @@ __all__ = [
     "unavailable_handler",
 ]
 
-UNAVAILABLE = "the shared state is unavailable, try again"
-# The deployment-wide secret that signs sessions, unless told otherwise.
-SIGNING_KEY_NAME = "SECRET_KEY"
 # How long the lifespan waits for a cancelled background task to finish.
 _STOP_TIMEOUT = 5.0
 # WebSocket close code 1013: "try again later".

@@ -277,14 +277,22 @@ class Store:
                 f"{self._eviction}; nothing was written"
             )
 
-    def _get(self, key: str, now: float) -> Value | None:
-        return self._data[key] if self._live(key, now) else None
-
     # values ----------------------------------------------------------------
 
     def get(self, key: str) -> Value | None:
         with self._mutex:
-            return self._get(key, time.time())
+            value = self._data.get(key)
+            if value is None:
+                return None
+            # The clock is read only for keys that have a deadline.
+            deadline = self._deadlines.get(key)
+            if deadline is not None and deadline <= time.time():
+                self._remove(key)
+                self.expired += 1
+                return None
+            if self._lru is not None and key in self._lru:
+                self._lru.move_to_end(key)
+            return value
 
     def get_versioned(self, key: str) -> tuple[Value | None, int | None]:
         with self._mutex:
@@ -343,6 +351,18 @@ class Store:
 
     def incr(self, key: str, amount: int, ttl: float | None = None) -> int:
         with self._mutex:
+            value = self._data.get(key)
+            if (
+                type(value) is int
+                and key not in self._deadlines
+                and (self._lru is None or not self._lru_all)
+            ):
+                # The hot path: a counter without expiry (or LRU order to keep).
+                value += amount
+                self._data[key] = value
+                self.version += 1
+                self._versions[key] = self.version
+                return value
             now = time.time()
             if self._live(key, now):
                 value = self._data[key]

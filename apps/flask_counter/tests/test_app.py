@@ -1,0 +1,87 @@
+"""flask_counter through Flask's test client, on a real shared state."""
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from shared_core import SharedState
+from shared_core.flask import get_state
+from shared_core.testing import IsolatedState, wait_for
+
+
+def call(client: FlaskClient, path: str, method: str = "GET") -> tuple[int, Any]:
+    """The status and the JSON body of the answer to ``method path``."""
+    response = client.open(path, method=method)
+    return response.status_code, response.json
+
+
+def test_counts_live_in_the_shared_state(app: Flask, client: FlaskClient) -> None:
+    assert call(client, "/increment", "POST") == (
+        200,
+        {"count": 1, "key": "counter", "pid": os.getpid()},
+    )
+    assert call(client, "/increment?key=cnt&by=5")[1]["count"] == 5
+    assert get_state(app).get("count:counter") == 1  # what every other worker reads
+    assert call(client, "/reset", "POST")[1]["count"] == 0
+    assert call(client, "/report?key=cnt")[1]["count"] == 5
+
+
+@pytest.mark.parametrize("query", ["by=abc", "by=0", "by=1001", "key=a%20b", "key="])
+def test_bad_input_is_a_400_with_a_json_error(client: FlaskClient, query: str) -> None:
+    status, body = call(client, f"/increment?{query}")
+    assert status == 400
+    assert body["error"]
+    assert call(client, "/report")[1]["count"] == 0
+
+
+def test_http_errors_are_json(client: FlaskClient) -> None:
+    wrong_method = client.delete("/increment")
+    assert wrong_method.status_code == 405
+    assert "POST" in wrong_method.headers["Allow"]
+    assert wrong_method.get_json()["error"]
+    assert client.post("/increment", data=b"x" * 20_000).status_code == 413
+    assert call(client, "/no-such-page")[0] == 404
+
+
+def test_a_session_is_valid_in_every_worker(make_app: Callable[..., Flask]) -> None:
+    first, second = make_app().test_client(), make_app().test_client()  # two workers
+    assert call(first, "/session")[1]["visits"] == 1
+    cookie = first.get_cookie("session")
+    assert cookie is not None
+    second.set_cookie("session", cookie.value)
+    assert call(second, "/session")[1]["visits"] == 2
+
+
+def test_a_flash_message_shows_once(client: FlaskClient) -> None:
+    assert client.post("/").status_code == 302
+    assert "You are visitor number 1." in client.get("/").text
+    assert "visitor number" not in client.get("/").text
+
+
+def test_a_reload_reaches_every_worker(make_app: Callable[..., Flask]) -> None:
+    first, second = make_app().test_client(), make_app().test_client()
+    assert call(second, "/report")[1]["generation"] == 0  # it subscribes on its first request
+    assert call(first, "/broadcast/reload", "POST")[1]["generation"] == 1
+    wait_for(lambda: call(second, "/report")[1]["generation"] == 1, 5, "the broadcast")
+
+
+def test_the_job_runs_in_one_worker_at_a_time(
+    client: FlaskClient, isolated_state: IsolatedState
+) -> None:
+    with SharedState(isolated_state.url) as other_worker, other_worker.lock("job:report"):
+        assert call(client, "/jobs/report?seconds=0", "POST")[0] == 409
+    assert call(client, "/jobs/report?seconds=0", "POST")[1]["ran"] is True
+    assert call(client, "/jobs/report")[1]["holder"] == os.getpid()
+
+
+def test_no_state_is_a_503(make_app: Callable[..., Flask], isolated_state: IsolatedState) -> None:
+    nowhere = f"unix://{isolated_state.runtime_dir}/nobody/state.sock?connect_timeout=0.5"
+    client = make_app(SHARED_STATE_URL=nowhere).test_client()
+    for path in ("/increment", "/healthz", "/session"):
+        status, body = call(client, path)
+        assert status == 503
+        assert "unavailable" in body["error"]
