@@ -116,7 +116,16 @@ def start_server(config: Config, deadline: float) -> int:
     assert proc.stdout is not None
     with proc.stdout:
         # The first process forks the server and exits at once.
-        proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            # Not even forked by the deadline (a machine that busy): stop the
+            # launcher, so that nothing is left running on our behalf.
+            proc.kill()
+            proc.wait()
+            raise StateUnavailable(
+                f"the state server did not start within connect_timeout={config.connect_timeout:g}s"
+            ) from None
         line = b""
         while not line.endswith(b"\n"):
             remaining = deadline - time.monotonic()
