@@ -365,13 +365,29 @@ def _json(response: httpx.Response) -> Any:
         return {"text": response.text[:200]}
 
 
-def sample(url: str, path: str, n: int) -> list[dict[str, Any]]:
-    """``n`` sequential GETs, each on a new connection (to reach many workers)."""
-    bodies = []
-    for _ in range(n):
-        r = httpx.get(url + path, headers={"Connection": "close"}, timeout=30)
+def sample(
+    url: str,
+    path: str,
+    n: int,
+    *,
+    workers: int = 2,
+    at_most: int = 400,
+    cookies: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """At least ``n`` sequential GETs, each on a new connection, and more
+    (up to ``at_most``) until ``workers`` different workers have answered.
+
+    The kernel hands each new connection to whichever worker accepts first;
+    on a loaded machine one worker can win dozens in a row, so a fixed
+    number of requests does not show several workers for certain.
+    """
+    bodies: list[dict[str, Any]] = []
+    pids: set[Any] = set()
+    while len(bodies) < n or (len(pids) < workers and len(bodies) < at_most):
+        r = httpx.get(url + path, headers={"Connection": "close"}, cookies=cookies, timeout=30)
         assert r.status_code == 200, (r.status_code, r.text)
         bodies.append(r.json())
+        pids.add(bodies[-1].get("pid"))
     return bodies
 
 

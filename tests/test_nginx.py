@@ -121,7 +121,9 @@ def test_core_checks_through_nginx(behind_nginx: str) -> None:
     # A session set through nginx is valid whichever worker nginx picks.
     with httpx.Client(base_url=url, timeout=30) as c:
         visits = [c.get("/session").json() for _ in range(40)]
-    assert [v["visits"] for v in visits] == list(range(1, 41))
+        while len({v["pid"] for v in visits}) < 2 and len(visits) < 200:
+            visits.append(c.get("/session").json())  # one worker may win many in a row
+    assert [v["visits"] for v in visits] == list(range(1, len(visits) + 1))
     assert len({v["pid"] for v in visits}) >= 2
 
 
