@@ -3,7 +3,10 @@
 A test per guide. A ```sh block preceded by ``<!-- docs: run -->`` must exit
 0; one preceded by ``<!-- docs: serve -->`` is started in the background and
 must answer ``GET http://127.0.0.1:8000/healthz`` within a minute; it runs
-until the next ``serve`` block, so the ``run`` blocks after it talk to it.
+until the next ``serve`` block, so the ``run`` blocks after it talk to it, and
+is then stopped as Ctrl-C stops it. ``<!-- docs: serve twice -->`` marks a
+block a reader will run again (up-arrow, Enter) in the shell they are left in:
+it is stopped and served a second time, and must leave that shell where it was.
 Unmarked blocks (systemd, Docker, nginx) are shown, not run. The guides are
 the top-level README, the apps' READMEs and the pages of docs/deploying that
 have marked blocks. Each runs in a fresh copy of the repository, as in a
@@ -27,12 +30,13 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from shared_core.testing import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
-BLOCK = re.compile(r"<!-- docs: (run|serve) -->\s*\n```sh\n(.*?)```", re.S)
+BLOCK = re.compile(r"<!-- docs: (run|serve|serve twice) -->\s*\n```sh\n(.*?)```", re.S)
 IGNORED = shutil.ignore_patterns(".tox", ".venv", "__pycache__", "*.egg-info", "results", ".git")
 GUIDES = [
     ROOT / "README.md",
@@ -84,17 +88,27 @@ class Server:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        """Ctrl-C: SIGINT to what the block runs, not to the shell, which goes on."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(self.proc.pid).children():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(5)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         # The port must be free for the next block.
         deadline = time.monotonic() + 20
         while port_open(8000) and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+def left_in(cwd_file: Path) -> Path | None:
+    """The directory a block's shell ended in, if it got that far."""
+    return Path(cwd_file.read_text().strip()) if cwd_file.exists() else None
 
 
 def run_guide(guide: Path) -> int:
@@ -123,10 +137,24 @@ def run_guide(guide: Path) -> int:
             )
             if "redis://127.0.0.1:6379" in script and redis is None and not port_open(6379):
                 redis = RedisServer(work, port=6379).start()
-            if kind == "serve":
+            if kind.startswith("serve"):
                 if server is not None:
                     server.stop()
-                server = Server(script, cwd, env, work / f"block{i}.log")
+                    cwd = left_in(cwd_file) or cwd
+                # Where the shell is once the server is stopped is where the reader is left.
+                served = f"{script}\npwd > {cwd_file}"
+                cwd_file.unlink(missing_ok=True)
+                server = Server(served, cwd, env, work / f"block{i}.log")
+                if kind == "serve twice":
+                    server.stop()
+                    if left_in(cwd_file) != cwd:
+                        pytest.fail(
+                            f"{guide} block {i}: after Ctrl-C the shell is in "
+                            f"{left_in(cwd_file) or 'no shell (it was replaced or killed)'}, "
+                            f"not in {cwd}, where the block was pasted"
+                        )
+                    cwd_file.unlink()
+                    server = Server(served, cwd, env, work / f"block{i}-again.log")
                 continue
             done = subprocess.run(
                 ["bash", "-e", "-c", f"{script}\npwd > {cwd_file}"],
