@@ -6,12 +6,13 @@
 import asyncio
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Form, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 from shared_core import LockTimeout
@@ -22,18 +23,33 @@ APP_NAME = "fastapi_counter"
 MAX_BY = 1000
 MAX_BODY = 16 * 1024
 MAX_JOB_SECONDS = 30
+SEEN_FOR = 60  # seconds a worker stays on the page's list of workers after it served the page
 
 Key = Annotated[str, Query(pattern=r"^[A-Za-z0-9_.:-]+$", min_length=1, max_length=64)]
 By = Annotated[int, Query(ge=1, le=MAX_BY)]
 Seconds = Annotated[int, Query(ge=0, le=MAX_JOB_SECONDS)]
+Action = Annotated[Literal["increment", "reset"], Form()]
 templates = Jinja2Templates(Path(__file__).parent / "templates")
 
 
 def create_app(state_url: str | None = None) -> FastAPI:
     """Build the app on the state at ``state_url`` (else ``$SHARED_STATE_URL``, else embedded)."""
-    app = FastAPI(title=APP_NAME, lifespan=lifespan)
+    # FastAPIOffline: a FastAPI whose /docs and /redoc use assets it serves, not a CDN's.
+    app = FastAPIOffline(title=APP_NAME, lifespan=lifespan)
     shared_state = init_app(app, state_url, app_name=APP_NAME)  # with signed sessions, 503s
     app.state.generation = 0  # this worker's own, like a loaded config, a cache, a model
+    alone = {"count": 0}  # what a per-worker global (naive.py) would say: this worker's count
+
+    async def add(key: str, by: int) -> int:
+        count = await shared_state.incr(f"count:{key}", by)
+        if key == "counter":
+            alone["count"] += by
+        return count
+
+    async def zero(key: str) -> None:
+        await shared_state.set(f"count:{key}", 0)
+        if key == "counter":
+            alone["count"] = 0  # in this worker only, as a global would be
 
     async def listen_for_reloads() -> None:
         async def catch_up() -> None:  # on subscribing: what was sent before is missed
@@ -61,28 +77,34 @@ def create_app(state_url: str | None = None) -> FastAPI:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
 
-    @app.api_route("/increment", methods=["GET", "POST"])
-    async def increment(state: SharedStateDep, key: Key = "counter", by: By = 1) -> dict[str, Any]:
-        return {"count": await state.incr(f"count:{key}", by), "key": key, "pid": os.getpid()}
+    # A route per method, each with its operation id. POST first: a 405's Allow
+    # header names the methods of the first route of the path.
+    @app.get("/increment", operation_id="increment_get")
+    @app.post("/increment", operation_id="increment")
+    async def increment(key: Key = "counter", by: By = 1) -> dict[str, Any]:
+        return {"count": await add(key, by), "key": key, "pid": os.getpid()}
 
-    @app.get("/report")
+    @app.get("/report", operation_id="report")
     async def report(state: SharedStateDep, key: Key = "counter") -> dict[str, Any]:
         count, generation = await state.get(f"count:{key}", 0), app.state.generation
         return {"count": count, "key": key, "pid": os.getpid(), "generation": generation}
 
-    @app.api_route("/reset", methods=["GET", "POST"])
-    async def reset(state: SharedStateDep, key: Key = "counter") -> dict[str, Any]:
-        await state.set(f"count:{key}", 0)
+    @app.get("/reset", operation_id="reset_get")
+    @app.post("/reset", operation_id="reset")
+    async def reset(key: Key = "counter") -> dict[str, Any]:
+        await zero(key)
         return {"count": 0, "key": key, "pid": os.getpid()}
 
-    @app.post("/broadcast/reload")
+    @app.post("/broadcast/reload", operation_id="broadcast_reload")
     async def broadcast_reload(state: SharedStateDep) -> dict[str, Any]:
         # Every worker loads the new generation, not only the one answering.
         generation = await state.incr("config:generation")
         await state.publish("reload", generation)
         return {"generation": generation, "pid": os.getpid()}
 
-    @app.post("/jobs/report", responses={409: {"description": "already running"}})
+    busy: dict[int | str, Any] = {409: {"description": "already running in another worker"}}
+
+    @app.post("/jobs/report", operation_id="run_job", responses=busy)
     async def run_job(state: SharedStateDep, seconds: Seconds = 1) -> Any:
         try:  # one worker of the whole deployment at a time
             async with state.lock("job:report", timeout=0):
@@ -93,35 +115,49 @@ def create_app(state_url: str | None = None) -> FastAPI:
             return JSONResponse(error, status_code=409)
         return {"ran": True, "seconds": seconds, "pid": os.getpid()}
 
-    @app.get("/jobs/report")
+    @app.get("/jobs/report", operation_id="job_status")
     async def job_status(state: SharedStateDep) -> dict[str, Any]:
         return {"holder": await state.get("job:report:holder"), "pid": os.getpid()}
 
-    @app.get("/whoami")
+    @app.get("/whoami", operation_id="whoami")
     async def whoami(request: Request) -> dict[str, Any]:
         client = request.client.host if request.client else None
         return {"client": client, "scheme": request.url.scheme, "pid": os.getpid()}
 
-    @app.get("/healthz")
+    @app.get("/healthz", operation_id="healthz")
     async def healthz(state: SharedStateDep) -> dict[str, Any]:
         await state.get("config:generation")  # a 503 while the state is unavailable
         return {"status": "ok", "pid": os.getpid()}
 
-    @app.get("/session")
+    @app.get("/session", operation_id="visits")
     async def visits(request: Request) -> dict[str, Any]:
         # Only grows if every worker accepts the session cookie signed by another.
         request.session["visits"] = request.session.get("visits", 0) + 1
         return {"visits": request.session["visits"], "pid": os.getpid()}
 
-    see_page: dict[int | str, Any] = {303: {"description": "POST counts you, then shows the page"}}
-
-    @app.api_route("/", methods=["GET", "POST"], response_class=HTMLResponse, responses=see_page)
+    @app.get("/", operation_id="index", response_class=HTMLResponse)
     async def index(request: Request, state: SharedStateDep) -> Any:
-        if request.method == "POST":
-            number = await state.incr("count:visitors")
-            request.session.setdefault("flash", []).append(f"You are visitor number {number}.")
-            return RedirectResponse("/", status_code=303)
-        page = {"messages": request.session.pop("flash", []), "pid": os.getpid()}
+        pid = os.getpid()
+        await state.set(f"worker:{pid}", True, ttl=SEEN_FOR)  # on the list for a minute
+        page = {
+            "count": await state.get("count:counter", 0),  # the count that /increment raises
+            "alone": alone["count"],
+            "pid": pid,
+            "workers": sorted(int(k.removeprefix("worker:")) for k in await state.keys("worker:")),
+            "messages": request.session.pop("flash", []),
+            "increment_url": request.url_for("increment"),
+        }
         return templates.TemplateResponse(request, "index.html", page)
+
+    @app.post("/", operation_id="index_form", status_code=303, response_class=RedirectResponse)
+    async def index_form(request: Request, action: Action = "increment") -> Any:
+        # The page's buttons: post, then redirect (303) to the page, which shows the flash.
+        if action == "increment":
+            message = f"Worker {os.getpid()} raised the count to {await add('counter', 1)}."
+        else:
+            await zero("counter")
+            message = f"Worker {os.getpid()} reset the count to 0."
+        request.session.setdefault("flash", []).append(message)
+        return RedirectResponse(request.url_for("index"), status_code=303)
 
     return app

@@ -16,7 +16,8 @@ app.add_middleware(SessionMiddleware, secret_key=secrets.token_hex(32))  # one p
 count = 0
 
 
-@app.api_route("/increment", methods=["GET", "POST"])
+@app.get("/increment", operation_id="increment_get")
+@app.post("/increment", operation_id="increment")
 async def increment() -> dict[str, int]:
     global count
     count += 1

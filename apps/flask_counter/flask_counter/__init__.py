@@ -9,7 +9,17 @@ import re
 import time
 from typing import Any
 
-from flask import Flask, abort, flash, redirect, render_template, request, session, url_for
+from flask import (
+    Flask,
+    abort,
+    flash,
+    get_flashed_messages,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from werkzeug.exceptions import HTTPException
 
 from shared_core import LockTimeout
@@ -19,6 +29,7 @@ from shared_core.flask import SharedStateExtension, subscribe
 shared = SharedStateExtension(app_name="flask_counter")
 MAX_BY = 1000
 MAX_JOB_SECONDS = 30
+SEEN_FOR = 60  # seconds a worker stays on the page's list of workers after it served the page
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
@@ -42,6 +53,18 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     state = shared.init_app(app)
     loaded = {"generation": 0}  # this worker's own, like a loaded config, a cache, a model
+    alone = {"count": 0}  # what a per-worker global (naive.py) would say: this worker's count
+
+    def add(key: str, by: int) -> int:
+        count = state.incr(f"count:{key}", by)
+        if key == "counter":
+            alone["count"] += by
+        return count
+
+    def zero(key: str) -> None:
+        state.set(f"count:{key}", 0)
+        if key == "counter":
+            alone["count"] = 0  # in this worker only, as a global would be
 
     def load_config(*message: Any) -> None:
         # On each message and each (re)subscribe: one sent in between is missed.
@@ -52,7 +75,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     @app.route("/increment", methods=["GET", "POST"])
     def increment() -> Any:
         key, by = _key(), _number("by", 1, 1, MAX_BY)
-        return {"count": state.incr(f"count:{key}", by), "key": key, "pid": os.getpid()}
+        return {"count": add(key, by), "key": key, "pid": os.getpid()}
 
     @app.get("/report")
     def report() -> Any:
@@ -62,7 +85,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     @app.route("/reset", methods=["GET", "POST"])
     def reset() -> Any:
         key = _key()
-        state.set(f"count:{key}", 0)
+        zero(key)
         return {"count": 0, "key": key, "pid": os.getpid()}
 
     @app.post("/broadcast/reload")
@@ -103,12 +126,32 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         session["visits"] = session.get("visits", 0) + 1
         return {"visits": session["visits"], "pid": os.getpid()}
 
-    @app.route("/", methods=["GET", "POST"])
+    @app.get("/")
     def index() -> Any:
-        if request.method == "POST":
-            flash(f"You are visitor number {state.incr('count:visitors')}.")
-            return redirect(url_for("index"))
-        return render_template("index.html", pid=os.getpid())
+        pid = os.getpid()
+        state.set(f"worker:{pid}", True, ttl=SEEN_FOR)  # on the list for a minute
+        page = {
+            "count": state.get("count:counter", 0),  # the count that /increment raises
+            "alone": alone["count"],
+            "pid": pid,
+            "workers": sorted(int(k.removeprefix("worker:")) for k in state.keys("worker:")),
+            "messages": get_flashed_messages(),
+            "increment_url": url_for("increment", _external=True),
+        }
+        return render_template("index.html", **page)
+
+    @app.post("/")
+    def index_form() -> Any:
+        # The page's buttons: post, then redirect (303) to the page, which shows the flash.
+        action = request.form.get("action", "increment")
+        if action == "increment":
+            flash(f"Worker {os.getpid()} raised the count to {add('counter', 1)}.")
+        elif action == "reset":
+            zero("counter")
+            flash(f"Worker {os.getpid()} reset the count to 0.")
+        else:
+            abort(400, "action must be increment or reset")
+        return redirect(url_for("index"), 303)
 
     return app
 

@@ -1,8 +1,10 @@
 """flask_counter through Flask's test client, on a real shared state."""
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from flask import Flask
@@ -56,10 +58,61 @@ def test_a_session_is_valid_in_every_worker(make_app: Callable[..., Flask]) -> N
     assert call(second, "/session")[1]["visits"] == 2
 
 
-def test_a_flash_message_shows_once(client: FlaskClient) -> None:
-    assert client.post("/").status_code == 302
-    assert "You are visitor number 1." in client.get("/").text
-    assert "visitor number" not in client.get("/").text
+def page(client: FlaskClient, **headers: str) -> str:
+    response = client.get("/", headers=headers)
+    assert response.status_code == 200
+    return response.text
+
+
+def count_on(html: str) -> int:
+    """The shared count as the page shows it."""
+    match = re.search(r'id="count">(\d+)<', html)
+    assert match, html
+    return int(match.group(1))
+
+
+def test_the_page_shows_the_count_that_curl_changes(app: Flask, client: FlaskClient) -> None:
+    assert call(client, "/increment?by=2", "POST")[0] == 200  # as curl would
+    html = page(client)
+    assert count_on(html) == 2
+    # This worker, on the list of workers seen recently, for a minute.
+    assert f'<li class="this">{os.getpid()}</li>' in html
+    assert 0 < get_state(app).ttl(f"worker:{os.getpid()}") <= 60
+
+
+def test_the_buttons_post_then_redirect_to_the_page(client: FlaskClient) -> None:
+    posted = client.post("/")  # the Increment button, or curl -X POST on the page
+    assert posted.status_code == 303
+    assert urlsplit(posted.headers["Location"]).path == "/"
+    html = page(client)
+    assert f"Worker {os.getpid()} raised the count to 1." in html  # the flash
+    assert count_on(html) == 1
+    assert "raised the count" not in page(client), "a flash shows once"
+    assert client.post("/", data={"action": "reset"}).status_code == 303
+    html = page(client)
+    assert f"Worker {os.getpid()} reset the count to 0." in html
+    assert count_on(html) == 0
+    refused = client.post("/", data={"action": "drop"})
+    assert refused.status_code == 400
+    assert refused.json["error"]
+
+
+def test_the_page_shows_what_a_per_worker_global_would_say(
+    make_app: Callable[..., Flask],
+) -> None:
+    first, second = make_app().test_client(), make_app().test_client()  # two workers
+    for _ in range(3):
+        first.post("/increment")
+    html = page(second)
+    assert count_on(html) == 3
+    assert 'would say <strong id="alone">0</strong>' in html
+    assert 'would say <strong id="alone">3</strong>' in page(first)
+
+
+def test_the_page_escapes_what_it_shows(client: FlaskClient) -> None:
+    html = page(client, Host='x"><script>alert(1)</script>')
+    assert "<script>alert" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
 
 
 def test_a_reload_reaches_every_worker(make_app: Callable[..., Flask]) -> None:

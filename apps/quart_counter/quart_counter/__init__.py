@@ -9,7 +9,17 @@ import os
 import re
 from typing import Any
 
-from quart import Quart, abort, flash, redirect, render_template, request, session, url_for
+from quart import (
+    Quart,
+    abort,
+    flash,
+    get_flashed_messages,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from werkzeug.exceptions import HTTPException
 
 from shared_core import LockTimeout
@@ -19,6 +29,7 @@ from shared_core.quart import SharedStateExtension, background_task
 shared = SharedStateExtension(app_name="quart_counter")
 MAX_BY = 1000
 MAX_JOB_SECONDS = 30
+SEEN_FOR = 60  # seconds a worker stays on the page's list of workers after it served the page
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Quart:
@@ -27,6 +38,18 @@ def create_app(test_config: dict[str, Any] | None = None) -> Quart:
     app.config.update(MAX_CONTENT_LENGTH=16 * 1024, **(test_config or {}))
     state = shared.init_app(app)
     loaded = {"generation": 0}  # this worker's own, like a loaded config, a cache, a model
+    alone = {"count": 0}  # what a per-worker global (naive.py) would say: this worker's count
+
+    async def add(key: str, by: int) -> int:
+        count = await state.incr(f"count:{key}", by)
+        if key == "counter":
+            alone["count"] += by
+        return count
+
+    async def zero(key: str) -> None:
+        await state.set(f"count:{key}", 0)
+        if key == "counter":
+            alone["count"] = 0  # in this worker only, as a global would be
 
     async def listen_for_reloads() -> None:
         # In every worker. The state is the truth: a message sent while it resubscribes is missed.
@@ -53,7 +76,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Quart:
     @app.route("/increment", methods=["GET", "POST"])
     async def increment() -> Any:
         key, by = _key(), _number("by", 1, 1, MAX_BY)
-        return {"count": await state.incr(f"count:{key}", by), "key": key, "pid": os.getpid()}
+        return {"count": await add(key, by), "key": key, "pid": os.getpid()}
 
     @app.get("/report")
     async def report() -> Any:
@@ -64,7 +87,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Quart:
     @app.route("/reset", methods=["GET", "POST"])
     async def reset() -> Any:
         key = _key()
-        await state.set(f"count:{key}", 0)
+        await zero(key)
         return {"count": 0, "key": key, "pid": os.getpid()}
 
     @app.post("/broadcast/reload")
@@ -104,12 +127,32 @@ def create_app(test_config: dict[str, Any] | None = None) -> Quart:
         session["visits"] = session.get("visits", 0) + 1
         return {"visits": session["visits"], "pid": os.getpid()}
 
-    @app.route("/", methods=["GET", "POST"])
+    @app.get("/")
     async def index() -> Any:
-        if request.method == "POST":
-            await flash(f"You are visitor number {await state.incr('count:visitors')}.")
-            return redirect(url_for("index"))
-        return await render_template("index.html", pid=os.getpid())
+        pid = os.getpid()
+        await state.set(f"worker:{pid}", True, ttl=SEEN_FOR)  # on the list for a minute
+        page = {
+            "count": await state.get("count:counter", 0),  # the count that /increment raises
+            "alone": alone["count"],
+            "pid": pid,
+            "workers": sorted(int(k.removeprefix("worker:")) for k in await state.keys("worker:")),
+            "messages": await get_flashed_messages(),
+            "increment_url": url_for("increment", _external=True),
+        }
+        return await render_template("index.html", **page)
+
+    @app.post("/")
+    async def index_form() -> Any:
+        # The page's buttons: post, then redirect (303) to the page, which shows the flash.
+        action = (await request.form).get("action", "increment")
+        if action == "increment":
+            await flash(f"Worker {os.getpid()} raised the count to {await add('counter', 1)}.")
+        elif action == "reset":
+            await zero("counter")
+            await flash(f"Worker {os.getpid()} reset the count to 0.")
+        else:
+            abort(400, "action must be increment or reset")
+        return redirect(url_for("index"), 303)
 
     return app
 

@@ -10,6 +10,11 @@ needs ``pip install "shared-core[testing]"``:
 - ``state_server``: an explicit ``python -m shared_core serve`` on a Unix socket.
 - ``redis_server``: a real ``redis-server`` on a Unix socket, one per session.
 
+Servers started by a test run end with it, however it ends (a CI timeout, a
+second Ctrl-C, ``kill -9`` of pytest): see "tying servers to the test run"
+below. At the start of a session the plugin also ends, and reports, what an
+earlier run of the same checkout left running.
+
 The helpers work without pytest too:
 
 >>> with RedisServer(workdir) as redis:
@@ -19,6 +24,7 @@ The helpers work without pytest too:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -28,11 +34,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import IO, TypeVar
 from urllib.parse import urlencode
 
 import psutil
@@ -41,6 +47,7 @@ import pytest
 T = TypeVar("T")
 
 __all__ = [
+    "RUN_VARIABLE",
     "IsolatedState",
     "RedisServer",
     "StateServer",
@@ -50,6 +57,8 @@ __all__ = [
     "pids_alive",
     "private_dir",
     "redis_server",
+    "run_processes",
+    "spawn",
     "state_server",
     "state_servers",
     "wait_for",
