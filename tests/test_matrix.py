@@ -38,7 +38,7 @@ def test_the_workflow_runs_every_env_on_its_python() -> None:
     }
     # Quart 0.21 and later need Python 3.11.
     assert all(jobs[name] >= (3, 11) for name in PAIRINGS if name.startswith("quart"))
-    assert {"lint", "chaos", "nginx", "docs"} <= set(jobs)
+    assert {"lint", "chaos", "nginx", "browser", "docs"} <= set(jobs)
 
 
 def test_docs_table_is_the_harness_table() -> None:

@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Route
 
 from shared_core import LockTimeout
 from shared_core.starlette import SharedStateDep, background_task, init_app, lifespan
@@ -28,7 +29,7 @@ SEEN_FOR = 60  # seconds a worker stays on the page's list of workers after it s
 Key = Annotated[str, Query(pattern=r"^[A-Za-z0-9_.:-]+$", min_length=1, max_length=64)]
 By = Annotated[int, Query(ge=1, le=MAX_BY)]
 Seconds = Annotated[int, Query(ge=0, le=MAX_JOB_SECONDS)]
-Action = Annotated[Literal["increment", "reset"], Form()]
+Button = Annotated[Literal["increment", "reset"], Form()]
 templates = Jinja2Templates(Path(__file__).parent / "templates")
 
 
@@ -75,10 +76,14 @@ def create_app(state_url: str | None = None) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:  # Allow: the methods of every route of the path, not one's
+            same_path = [r for r in app.routes if r.matches(request.scope)[0] != Match.NONE]
+            methods = {m for r in same_path if isinstance(r, Route) for m in r.methods or ()}
+            headers = {"Allow": ", ".join(sorted(methods))}
+        return JSONResponse({"error": exc.detail}, exc.status_code, headers=headers)
 
-    # A route per method, each with its operation id. POST first: a 405's Allow
-    # header names the methods of the first route of the path.
+    # A route per method, so that each has an operation id of its own.
     @app.get("/increment", operation_id="increment_get")
     @app.post("/increment", operation_id="increment")
     async def increment(key: Key = "counter", by: By = 1) -> dict[str, Any]:
@@ -150,14 +155,14 @@ def create_app(state_url: str | None = None) -> FastAPI:
         return templates.TemplateResponse(request, "index.html", page)
 
     @app.post("/", operation_id="index_form", status_code=303, response_class=RedirectResponse)
-    async def index_form(request: Request, action: Action = "increment") -> Any:
+    async def index_form(request: Request, button: Button = "increment") -> Any:
         # The page's buttons: post, then redirect (303) to the page, which shows the flash.
-        if action == "increment":
+        if button == "increment":
             message = f"Worker {os.getpid()} raised the count to {await add('counter', 1)}."
         else:
             await zero("counter")
             message = f"Worker {os.getpid()} reset the count to 0."
         request.session.setdefault("flash", []).append(message)
-        return RedirectResponse(request.url_for("index"), status_code=303)
+        return RedirectResponse(request.url_for("index").path, status_code=303)  # relative
 
     return app

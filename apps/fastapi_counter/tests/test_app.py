@@ -2,12 +2,16 @@
 
 import asyncio
 import os
+import re
+import warnings
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from httpx import AsyncClient
 
+from fastapi_counter import create_app
 from shared_core import AsyncSharedState
 from shared_core.testing import IsolatedState
 
@@ -41,7 +45,8 @@ async def test_bad_input_is_a_422_with_a_json_error(
 async def test_http_errors_are_json(client: AsyncClient) -> None:
     wrong_method = await client.delete("/increment")
     assert wrong_method.status_code == 405
-    assert "POST" in wrong_method.headers["allow"]
+    # Every method of the path, though each has a route of its own.
+    assert wrong_method.headers["allow"] == "GET, POST"
     assert wrong_method.json()["error"]
     assert (await client.post("/increment", content=b"x" * 20_000)).status_code == 413
     assert (await client.get("/no-such-page")).json() == {"error": "Not Found"}
@@ -54,10 +59,85 @@ async def test_a_session_is_valid_in_every_worker(serve: Callable[..., Any]) -> 
     assert (await second.get("/session")).json()["visits"] == 2
 
 
-async def test_a_flash_message_shows_once(client: AsyncClient) -> None:
-    assert (await client.post("/")).status_code == 303
-    assert "You are visitor number 1." in (await client.get("/")).text
-    assert "visitor number" not in (await client.get("/")).text
+async def page(client: AsyncClient, **headers: str) -> str:
+    response = await client.get("/", headers=headers)
+    assert response.status_code == 200
+    return response.text
+
+
+def count_on(html: str) -> int:
+    """The shared count as the page shows it."""
+    match = re.search(r'id="count">(\d+)<', html)
+    assert match, html
+    return int(match.group(1))
+
+
+async def test_the_page_shows_the_count_that_curl_changes(
+    client: AsyncClient, isolated_state: IsolatedState
+) -> None:
+    assert (await client.post("/increment", params={"by": 2})).status_code == 200  # as curl
+    html = await page(client)
+    assert count_on(html) == 2
+    # This worker, on the list of workers seen recently, for a minute.
+    assert f'<li class="this">{os.getpid()}</li>' in html
+    async with AsyncSharedState(isolated_state.url) as state:
+        assert 0 < (await state.ttl(f"worker:{os.getpid()}") or 0) <= 60
+
+
+async def test_the_buttons_post_then_redirect_to_the_page(client: AsyncClient) -> None:
+    posted = await client.post("/")  # the Increment button, or curl -X POST on the page
+    assert posted.status_code == 303
+    assert urlsplit(posted.headers["Location"]).path == "/"
+    html = await page(client)
+    assert f"Worker {os.getpid()} raised the count to 1." in html  # the flash
+    assert count_on(html) == 1
+    assert "raised the count" not in await page(client), "a flash shows once"
+    assert (await client.post("/", data={"button": "reset"})).status_code == 303
+    html = await page(client)
+    assert f"Worker {os.getpid()} reset the count to 0." in html
+    assert count_on(html) == 0
+    refused = await client.post("/", data={"button": "drop"})
+    assert refused.status_code == 422
+    assert refused.json()["error"]
+
+
+async def test_the_page_shows_what_a_per_worker_global_would_say(
+    serve: Callable[..., Any],
+) -> None:
+    first, second = await serve(), await serve()  # two workers
+    for _ in range(3):
+        await first.post("/increment")
+    html = await page(second)
+    assert count_on(html) == 3
+    assert 'would say <strong id="alone">0</strong>' in html
+    assert 'would say <strong id="alone">3</strong>' in await page(first)
+
+
+async def test_the_page_escapes_what_it_shows(client: AsyncClient) -> None:
+    html = await page(client, Host='x"><script>alert(1)</script>')  # the page shows the host
+    assert "<script>alert" not in html
+
+
+def test_every_operation_has_its_own_id() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # FastAPI warns of a duplicate operation id
+        schema = create_app("local://never-connected").openapi()
+    ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids)), ids
+    assert {"increment", "increment_get", "reset", "reset_get", "index", "index_form"} <= set(ids)
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc"])
+async def test_the_api_docs_need_no_other_site(client: AsyncClient, path: str) -> None:
+    html = (await client.get(path)).text
+    assert not re.search(r"(https?:)?//", html), f"{path} names another site"
+    # Whatever it loads (scripts, styles, the icon, the schema), the app serves.
+    assets = re.findall(r"""(?:src|href|url)\s*[=:(]\s*['"]([^'"]+)['"]""", html)
+    assert any(a.endswith(".js") for a in assets), html
+    for asset in assets:
+        response = await client.get(asset)
+        assert response.status_code == 200, asset
+        assert response.content, asset
 
 
 async def test_a_reload_reaches_every_worker(serve: Callable[..., Any]) -> None:

@@ -143,14 +143,14 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     @app.post("/")
     def index_form() -> Any:
         # The page's buttons: post, then redirect (303) to the page, which shows the flash.
-        action = request.form.get("action", "increment")
-        if action == "increment":
+        button = request.form.get("button", "increment")
+        if button == "increment":
             flash(f"Worker {os.getpid()} raised the count to {add('counter', 1)}.")
-        elif action == "reset":
+        elif button == "reset":
             zero("counter")
             flash(f"Worker {os.getpid()} reset the count to 0.")
         else:
-            abort(400, "action must be increment or reset")
+            abort(400, "button must be increment or reset")
         return redirect(url_for("index"), 303)
 
     return app

@@ -77,7 +77,7 @@ def test_the_page_shows_the_count_that_curl_changes(app: Flask, client: FlaskCli
     assert count_on(html) == 2
     # This worker, on the list of workers seen recently, for a minute.
     assert f'<li class="this">{os.getpid()}</li>' in html
-    assert 0 < get_state(app).ttl(f"worker:{os.getpid()}") <= 60
+    assert 0 < (get_state(app).ttl(f"worker:{os.getpid()}") or 0) <= 60
 
 
 def test_the_buttons_post_then_redirect_to_the_page(client: FlaskClient) -> None:
@@ -88,12 +88,13 @@ def test_the_buttons_post_then_redirect_to_the_page(client: FlaskClient) -> None
     assert f"Worker {os.getpid()} raised the count to 1." in html  # the flash
     assert count_on(html) == 1
     assert "raised the count" not in page(client), "a flash shows once"
-    assert client.post("/", data={"action": "reset"}).status_code == 303
+    assert client.post("/", data={"button": "reset"}).status_code == 303
     html = page(client)
     assert f"Worker {os.getpid()} reset the count to 0." in html
     assert count_on(html) == 0
-    refused = client.post("/", data={"action": "drop"})
+    refused = client.post("/", data={"button": "drop"})
     assert refused.status_code == 400
+    assert refused.json
     assert refused.json["error"]
 
 

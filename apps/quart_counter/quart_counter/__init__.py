@@ -136,7 +136,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Quart:
             "alone": alone["count"],
             "pid": pid,
             "workers": sorted(int(k.removeprefix("worker:")) for k in await state.keys("worker:")),
-            "messages": await get_flashed_messages(),
+            "messages": get_flashed_messages(),
             "increment_url": url_for("increment", _external=True),
         }
         return await render_template("index.html", **page)
@@ -144,14 +144,14 @@ def create_app(test_config: dict[str, Any] | None = None) -> Quart:
     @app.post("/")
     async def index_form() -> Any:
         # The page's buttons: post, then redirect (303) to the page, which shows the flash.
-        action = (await request.form).get("action", "increment")
-        if action == "increment":
+        button = (await request.form).get("button", "increment")
+        if button == "increment":
             await flash(f"Worker {os.getpid()} raised the count to {await add('counter', 1)}.")
-        elif action == "reset":
+        elif button == "reset":
             await zero("counter")
             await flash(f"Worker {os.getpid()} reset the count to 0.")
         else:
-            abort(400, "action must be increment or reset")
+            abort(400, "button must be increment or reset")
         return redirect(url_for("index"), 303)
 
     return app

@@ -2,8 +2,10 @@
 
 import asyncio
 import os
+import re
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from quart.typing import TestClientProtocol as Client
@@ -60,10 +62,63 @@ async def test_a_session_is_valid_in_every_worker(serve: Callable[..., Any]) -> 
     assert (await call(second, "/session"))[1]["visits"] == 2
 
 
-async def test_a_flash_message_shows_once(client: Client) -> None:
-    assert (await client.post("/")).status_code == 302
-    assert "You are visitor number 1." in await (await client.get("/")).get_data(as_text=True)
-    assert "visitor number" not in await (await client.get("/")).get_data(as_text=True)
+async def page(client: Client, **headers: str) -> str:
+    response = await client.get("/", headers=headers)
+    assert response.status_code == 200
+    return await response.get_data(as_text=True)
+
+
+def count_on(html: str) -> int:
+    """The shared count as the page shows it."""
+    match = re.search(r'id="count">(\d+)<', html)
+    assert match, html
+    return int(match.group(1))
+
+
+async def test_the_page_shows_the_count_that_curl_changes(
+    client: Client, isolated_state: IsolatedState
+) -> None:
+    assert (await call(client, "/increment?by=2", "POST"))[0] == 200  # as curl would
+    html = await page(client)
+    assert count_on(html) == 2
+    # This worker, on the list of workers seen recently, for a minute.
+    assert f'<li class="this">{os.getpid()}</li>' in html
+    async with AsyncSharedState(isolated_state.url) as state:
+        assert 0 < (await state.ttl(f"worker:{os.getpid()}") or 0) <= 60
+
+
+async def test_the_buttons_post_then_redirect_to_the_page(client: Client) -> None:
+    posted = await client.post("/")  # the Increment button, or curl -X POST on the page
+    assert posted.status_code == 303
+    assert urlsplit(posted.headers["Location"]).path == "/"
+    html = await page(client)
+    assert f"Worker {os.getpid()} raised the count to 1." in html  # the flash
+    assert count_on(html) == 1
+    assert "raised the count" not in await page(client), "a flash shows once"
+    assert (await client.post("/", form={"button": "reset"})).status_code == 303
+    html = await page(client)
+    assert f"Worker {os.getpid()} reset the count to 0." in html
+    assert count_on(html) == 0
+    refused = await client.post("/", form={"button": "drop"})
+    assert refused.status_code == 400
+    assert (await refused.get_json())["error"]
+
+
+async def test_the_page_shows_what_a_per_worker_global_would_say(
+    serve: Callable[..., Any],
+) -> None:
+    first, second = await serve(), await serve()  # two workers
+    for _ in range(3):
+        await first.post("/increment")
+    html = await page(second)
+    assert count_on(html) == 3
+    assert 'would say <strong id="alone">0</strong>' in html
+    assert 'would say <strong id="alone">3</strong>' in await page(first)
+
+
+async def test_the_page_escapes_what_it_shows(client: Client) -> None:
+    html = await page(client, Host='x"><script>alert(1)</script>')  # the page shows the host
+    assert "<script>alert" not in html
 
 
 async def test_a_reload_reaches_every_worker(serve: Callable[..., Any]) -> None:
