@@ -33,7 +33,7 @@ import httpx
 import psutil
 import pytest
 
-from shared_core.testing import RedisServer
+from shared_core.testing import RedisServer, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- docs: (run|serve|serve twice) -->\s*\n```sh\n(.*?)```", re.S)
@@ -62,13 +62,9 @@ class Server:
             pytest.fail("port 8000 is busy: the guides serve there; stop what listens")
         self.log = log
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                ["bash", "-c", script],
-                cwd=cwd,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+            # In a session of its own, ended with the test run however it ends.
+            self.proc = spawn(
+                ["bash", "-c", script], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
             )
         deadline = time.monotonic() + 60
         while True:

@@ -25,7 +25,7 @@ import httpx
 import psutil
 
 from shared_core import testing
-from shared_core.testing import RedisServer, StateServer, free_port, wait_for
+from shared_core.testing import RedisServer, StateServer, free_port, spawn, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = {
@@ -220,13 +220,13 @@ def start(
         env["SHARED_STATE_URL"] = state_url
     env.update(extra_env or {})
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
+        # In a session of its own, and ended with the test run however it ends.
+        proc = spawn(
             pairing.command(port, workers, max_requests),
             cwd=pairing.app_dir,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
     deployment = Deployment(pairing, proc, f"http://127.0.0.1:{port}", log, runtime_dir)
     deadline = time.monotonic() + START_TIMEOUT

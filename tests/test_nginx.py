@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from shared_core.testing import free_port, wait_for
+from shared_core.testing import free_port, spawn, wait_for
 from tests.harness import Pairing, hammer
 
 pytestmark = pytest.mark.nginx
@@ -71,7 +71,7 @@ def behind_nginx(launch: Any, pairing: Pairing) -> Iterator[str]:
     port = free_port()
     upstream = d.url.rsplit(":", 1)[1]
     (workdir / "nginx.conf").write_text(CONFIG.format(dir=workdir, upstream=upstream, port=port))
-    proc = subprocess.Popen(
+    proc = spawn(  # ended with the test run, however it ends
         [binary, "-p", str(workdir), "-c", str(workdir / "nginx.conf")],
         stderr=subprocess.PIPE,
     )

@@ -23,12 +23,14 @@ The helpers work without pytest too:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -58,6 +60,7 @@ __all__ = [
     "private_dir",
     "redis_server",
     "run_processes",
+    "session_processes",
     "spawn",
     "state_server",
     "state_servers",
@@ -158,6 +161,386 @@ def _dead(pid: int) -> bool:
         return True
 
 
+# --- tying servers to the test run ---------------------------------------------
+#
+# What a test run starts must end with it, however it ends: pytest killed by a
+# CI timeout, a second Ctrl-C or ``kill -9`` runs no teardown. PR_SET_PDEATHSIG
+# cannot do it: it fires when the *thread* that forked the child ends (a
+# server restarted from a threading.Timer would die with the timer), and it
+# reaches only that child, not a gunicorn master's workers nor the embedded
+# state server, which a worker starts detached (a double fork into a session
+# of its own: engines/embedded/lifecycle.py).
+#
+# So a run (the process that loads the plugin, or that first calls spawn())
+# has a watchdog: a small process, nobody's child and in a session of its own
+# (a Ctrl-C, or a kill of pytest's process group or tree, does not reach it),
+# whose stdin is a pipe whose only write end the run holds. However the run
+# dies, the kernel closes that end; the watchdog reads EOF, no polling, and
+# SIGKILLs (run_processes):
+#   - every process whose environment carries the run's marker
+#     $SHARED_CORE_TEST_RUN ("PID START CHECKOUT"): pytest sets it in its own
+#     environment, so whatever its tests start inherits it, grandchildren
+#     included (gunicorn's workers, the state server a worker starts, a
+#     test's own Popen);
+#   - every process in a session that spawn() started and recorded in the
+#     run's registry file, which also catches the servers that overwrite their
+#     environment to set their process title (redis-server, nginx, gunicorn
+#     with setproctitle), whose marker /proc no longer shows.
+# A run whose interpreter exits normally (atexit; a Ctrl-C too) tells the
+# watchdog so first; it then gives what leaves by itself up to _GRACE seconds
+# before it kills the rest and reports it on stderr.
+# At the start of a session the plugin does the same for the earlier runs of
+# its checkout whose process is gone and whose watchdog did not finish (killed
+# too, say by a kill of every process of the user), and reports what it
+# ended. A run still alive, another checkout's, and other users' processes
+# are never touched.
+#
+# Linux first. The pipe, the sessions and psutil work on other POSIX systems
+# too; where psutil cannot read an environment, only the registered sessions
+# are ended. Without os.getsid (Windows, which shared_core does not support)
+# nothing is watched, and spawn() only starts the process.
+
+RUN_VARIABLE = "SHARED_CORE_TEST_RUN"
+_WATCHED = hasattr(os, "getsid")
+_PROCFS = os.path.isdir("/proc/self")
+# The watchdog imports this very module, wherever it came from.
+_SRC = str(Path(__file__).resolve().parents[1])
+# It forks at once and its first process exits: the watchdog is nobody's child
+# (no zombie, and a kill of pytest's process tree does not reach it).
+_WATCHDOG = (
+    "import os, sys\n"
+    "if os.fork(): os._exit(0)\n"
+    "from shared_core.testing import _watch; _watch(sys.argv[1])"
+)
+# Not the run's marker (it is no server of the run), nor what would make a
+# process that only waits slow or heavy (PYTHONTRACEMALLOC=25: 10 s, 75 MB).
+_NOT_FOR_THE_WATCHDOG = {
+    RUN_VARIABLE, "PYTHONTRACEMALLOC", "PYTHONDEVMODE", "PYTHONPROFILEIMPORTTIME",
+    "PYTHONWARNINGS", "COVERAGE_PROCESS_START",
+}  # fmt: skip
+_EXITING = b"exiting\n"
+_GRACE = 3.0  # seconds: how long what a normal exit leaves may take to leave by itself
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A test run: the process that owns it (pid and start time), and its checkout."""
+
+    pid: int
+    started: float
+    checkout: str
+
+    @property
+    def marker(self) -> str:
+        return f"{self.pid} {self.started:.2f} {self.checkout}"
+
+    @classmethod
+    def parse(cls, marker: str) -> _Run | None:
+        try:
+            pid, started, checkout = marker.split(" ", 2)
+            return cls(int(pid), float(started), checkout)
+        except ValueError:
+            return None
+
+    def alive(self) -> bool:
+        return _is(self.pid, self.started)
+
+    @property
+    def registry(self) -> Path | None:
+        """The file of the sessions spawn() started for this run: "PID START" lines."""
+        directory = _registry_dir(self.checkout)
+        return None if directory is None else directory / f"{self.pid}-{self.started:.2f}"
+
+    def register(self, pid: int) -> None:
+        started = _start_time(pid)
+        for _ in range(2):  # again if a watchdog removed the empty directory meanwhile
+            if started is None or _registry_dir(self.checkout, create=True) is None:
+                return
+            assert self.registry is not None
+            try:
+                with open(self.registry, "a") as f:
+                    f.write(f"{pid} {started:.2f}\n")
+                return
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return
+
+    def sessions(self) -> dict[int, bool]:
+        """The registered sessions: True where the leader is still the process
+        spawn() started, False where the leader is gone. One whose leader is
+        another process of the same pid is not listed.
+
+        A leaderless session is most likely ours (a pid is not reused while a
+        process is in its session), but it may be a later session of a reused
+        pid whose leader left too: run_processes takes only the processes
+        with a blanked environment from it.
+        """
+        try:
+            lines = self.registry.read_text().splitlines() if self.registry else []
+        except OSError:
+            lines = []
+        sessions = {}
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                pid_field, started_field = line.split()
+                pid, started = int(pid_field), float(started_field)
+                if _is(pid, started):
+                    sessions[pid] = True
+                elif _start_time(pid) is None:
+                    sessions[pid] = False
+        return sessions
+
+
+def _start_time(pid: int) -> float | None:
+    """When ``pid`` started: on Linux in clock ticks since boot, which never
+    change (a wall-clock time, as psutil gives, moves with NTP)."""
+    try:
+        if _PROCFS:
+            with open(f"/proc/{pid}/stat") as f:
+                return float(f.read().rsplit(")", 1)[1].split()[19])
+        return psutil.Process(pid).create_time()
+    except (OSError, IndexError, ValueError, psutil.Error):
+        return None
+
+
+def _is(pid: int, started: float) -> bool:
+    """Whether ``pid`` is still the process that started at ``started``."""
+    now = _start_time(pid)
+    return now is not None and abs(now - started) < 0.05
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def _checkout(path: Path) -> str:
+    """The checkout a run belongs to: the nearest directory from ``path`` up with a
+    ``.git``, else ``path`` (pytest's rootdir differs between ``pytest tests``
+    and ``pytest shared_core/tests`` of one checkout)."""
+    path = path.resolve()
+    return str(next((p for p in (path, *path.parents) if (p / ".git").exists()), path))
+
+
+def _registry_dir(checkout: str, *, create: bool = False) -> Path | None:
+    """This user's private directory of the run registries of ``checkout``."""
+    top = Path(tempfile.gettempdir()) / f"shared-core-runs-{os.getuid()}"
+    directory = top / hashlib.sha256(checkout.encode()).hexdigest()[:16]
+    try:
+        if create:
+            with contextlib.suppress(FileExistsError):
+                top.mkdir(mode=0o700)
+        st = os.lstat(top)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            return None  # not ours alone: what it lists cannot be trusted
+        if create:
+            directory.mkdir(mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+    return directory
+
+
+_run: _Run | None = None
+
+
+def _current_run(checkout: str | None = None, *, mark_environ: bool = False) -> _Run | None:
+    """This process's run, and its watchdog, started on first use.
+
+    ``mark_environ`` (pytest) puts the run's marker in this process's
+    environment, so that all its tests start inherits it; used on its own,
+    only what spawn() starts gets it.
+    """
+    global _run
+    if _run is None and _WATCHED:
+        started = _start_time(os.getpid())
+        assert started is not None
+        run = _Run(os.getpid(), started, checkout or _checkout(Path.cwd()))
+        read, write = os.pipe()  # both close on exec: only this process holds ``write``
+        env = {k: v for k, v in os.environ.items() if k not in _NOT_FOR_THE_WATCHDOG}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, env.get("PYTHONPATH")) if p)
+        try:
+            subprocess.run(
+                [sys.executable, "-c", _WATCHDOG, run.marker],
+                stdin=read,
+                stdout=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+                timeout=30,
+                check=True,
+            )
+        except (OSError, subprocess.SubprocessError):
+            os.close(write)  # no watchdog: no run
+            return None
+        finally:
+            os.close(read)
+        # A child forked without exec must not keep the run alive.
+        os.register_at_fork(after_in_child=lambda: _close(write))
+        atexit.register(_exiting, run, write)
+        _run = run
+    if _run is not None and mark_environ:
+        os.environ[RUN_VARIABLE] = _run.marker
+    return _run
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _exiting(run: _Run, write: int) -> None:
+    """Tell the watchdog that the run exits normally (an atexit handler)."""
+    if os.getpid() == run.pid:  # not in a forked child, where ``write`` is closed
+        with contextlib.suppress(OSError):
+            os.write(write, _EXITING)
+
+
+def _watch(marker: str) -> None:
+    """The watchdog: wait until the run's pipe closes, then end what it left.
+
+    A run that exits normally says so first; then what ends by itself with
+    it (multiprocessing's resource tracker and forkserver, a server that
+    notices its master left) gets a moment to do so before it is SIGKILLed
+    and reported as left running.
+    """
+    run = _Run.parse(marker)
+    assert run is not None
+    said = b""
+    with contextlib.suppress(OSError):
+        while chunk := os.read(0, 4096):
+            said += chunk
+    if said.endswith(_EXITING):
+        deadline = time.monotonic() + _GRACE
+        while run_processes(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    ended = _reap(run)
+    if ended:
+        with contextlib.suppress(OSError):
+            _report(f"the test run {run.pid} ended; killed what it left running", ended)
+
+
+def run_processes(marker: str) -> list[psutil.Process]:
+    """The live processes of the test run whose marker (``$SHARED_CORE_TEST_RUN``
+    in its servers' environment) is ``marker``: those with the marker, and those
+    in the sessions spawn() started for it. Never this process nor its
+    ancestors, nor another user's processes."""
+    run = _Run.parse(marker)
+    sessions = run.sessions() if run is not None else {}
+    me = psutil.Process()
+    spared = {me.pid, *(p.pid for p in me.parents())}
+    uid = os.getuid()
+    found = []
+    for proc in psutil.process_iter(["environ", "status", "uids"]):
+        info = proc.info
+        if (
+            proc.pid in spared
+            or info["status"] == psutil.STATUS_ZOMBIE
+            or (uid != 0 and (info["uids"] is None or info["uids"].real != uid))
+        ):
+            continue
+        env = info["environ"]
+        led = sessions.get(_sid(proc.pid) or -1) if sessions else None
+        # In a session whose leader left, only a blanked environment (a process
+        # title written over it) stands for the marker.
+        if (env or {}).get(RUN_VARIABLE) == marker or led or (led is False and not env):
+            found.append(proc)
+    return found
+
+
+def _reap(run: _Run, timeout: float = 10) -> list[str]:
+    """SIGKILL the processes of ``run`` until none is left (a gunicorn master may
+    fork a worker meanwhile), for ``timeout`` at most; returns them, described."""
+    ended: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    while procs := run_processes(run.marker):
+        for proc in procs:
+            ended.setdefault(proc.pid, _describe(proc))
+        with contextlib.suppress(AssertionError, psutil.Error):
+            kill_and_wait(procs, max(0.1, deadline - time.monotonic()))
+        if time.monotonic() > deadline:
+            break
+    if run.registry is not None:
+        with contextlib.suppress(OSError):
+            run.registry.unlink(missing_ok=True)
+            run.registry.parent.rmdir()  # when no other run of the checkout has a file there
+    return [ended[pid] for pid in sorted(ended)]
+
+
+def _sweep(checkout: str) -> list[str]:
+    """End what the earlier runs of ``checkout`` whose process is gone left running."""
+    runs: set[_Run | None] = set()
+    registry = _registry_dir(checkout)
+    with contextlib.suppress(OSError):
+        for entry in registry.iterdir() if registry is not None else ():
+            pid, _, started = entry.name.partition("-")
+            runs.add(_Run.parse(f"{pid} {started} {checkout}"))
+    for proc in psutil.process_iter(["environ"]):
+        runs.add(_Run.parse((proc.info["environ"] or {}).get(RUN_VARIABLE, "")))
+    ended: list[str] = []
+    for run in runs:
+        if run is not None and run.checkout == checkout and not run.alive():
+            ended += _reap(run)
+    return ended
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        command = " ".join(" ".join(proc.cmdline()).split()) or proc.name()
+    except psutil.Error:
+        command = "?"
+    return f"{proc.pid} {command[:200]}"
+
+
+def _report(title: str, ended: list[str], write: Callable[[str], object] | None = None) -> None:
+    write = write or (lambda line: print(line, file=sys.stderr, flush=True))
+    write(f"shared_core.testing: {title} ({len(ended)} processes):")
+    for line in ended:
+        write(f"    {line}")
+
+
+def spawn(
+    cmd: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | str | None = None,
+    stdout: int | IO[bytes] | None = None,
+    stderr: int | IO[bytes] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a long-lived server for tests: in a session of its own, and ended
+    with the test run however the run ends.
+
+    In its own session, a Ctrl-C meant for pytest does not reach it (its
+    fixture stops it), and ``os.killpg(proc.pid, ...)`` reaches all it forked.
+    ``env`` (default: this process's environment) gets the run's marker.
+    """
+    run = _current_run()
+    env = dict(os.environ if env is None else env)
+    if run is not None:
+        env[RUN_VARIABLE] = run.marker
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=cwd, stdout=stdout, stderr=stderr, start_new_session=True
+    )
+    if run is not None:
+        run.register(proc.pid)
+    return proc
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    """The live processes (zombies left out) of session ``sid``.
+
+    For a server that spawn() started, ``sid`` is its pid: this is the server
+    and all it forked that did not move to a session of its own, such as the
+    workers an app server's master leaves behind when it dies.
+    """
+    return [
+        proc
+        for proc in psutil.process_iter(["status"])
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and _sid(proc.pid) == sid
+    ]
+
+
 # --- servers -------------------------------------------------------------------
 
 
@@ -227,9 +610,8 @@ class StateServer(_Server):
 
     def start(self, timeout: float = 30) -> StateServer:
         """Start it (again) and wait until it accepts connections."""
-        self.proc = proc = subprocess.Popen(
-            [sys.executable, "-m", "shared_core", "serve", "--url", self.url],
-            env=None if self.env is None else dict(self.env),
+        self.proc = proc = spawn(
+            [sys.executable, "-m", "shared_core", "serve", "--url", self.url], env=self.env
         )
         wait_for(lambda: proc.poll() is not None or _accepts(self.socket), timeout, "serve")
         if proc.poll() is not None:
@@ -263,7 +645,7 @@ class RedisServer(_Server):
                 "macOS: brew install redis; or run bash ci/test, which installs it)"
             )
         self.socket.unlink(missing_ok=True)
-        self.proc = proc = subprocess.Popen(
+        self.proc = proc = spawn(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1",
              "--unixsocket", str(self.socket),
              "--unixsocketperm", "700", "--save", "",
@@ -282,6 +664,31 @@ class RedisServer(_Server):
 
 
 # --- the pytest plugin -----------------------------------------------------------
+
+
+_SWEPT = pytest.StashKey[list[str]]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """End what earlier runs of this checkout left running; tie this run's servers to it."""
+    if not _WATCHED:
+        return
+    checkout = _checkout(config.rootpath)
+    if not hasattr(config, "workerinput"):  # an xdist worker: its controller swept
+        config.stash[_SWEPT] = _sweep(checkout)
+    _current_run(checkout, mark_environ=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_sessionstart(session: pytest.Session) -> Iterator[None]:
+    """Report the sweep below the header."""
+    yield
+    ended = session.config.stash.get(_SWEPT, [])
+    if ended:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        write = reporter and (lambda line: reporter.write_line(line, yellow=True, bold=True))
+        _report("ended what an earlier test run of this checkout left running", ended, write)
 
 
 @dataclass(frozen=True)
