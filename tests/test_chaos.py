@@ -30,7 +30,7 @@ import httpx
 import psutil
 import pytest
 
-from shared_core.testing import RedisServer, wait_for
+from shared_core.testing import RedisServer, session_processes, wait_for
 from tests.harness import (
     CHAOS_ROWS,
     Deployment,
@@ -82,26 +82,15 @@ def workers(d: Deployment) -> list[psutil.Process]:
 
 def stop_and_check_clean(d: Deployment) -> None:
     """Scenario 8: after the app server stops, neither it nor a state server remains."""
-    group = d.proc.pid
     d.stop()
     wait_for(lambda: not state_servers(d.runtime_dir), 15, "the state server to leave")
-
-    def leftovers() -> list[psutil.Process]:
-        # A zombie has let go of everything; init reaps it in a moment.
-        return [
-            p
-            for p in psutil.process_iter(["status"])
-            if _pgid(p.pid) == group and p.info["status"] != psutil.STATUS_ZOMBIE
-        ]
-
-    wait_for(lambda: not leftovers(), 10, f"the app server's processes to end: {leftovers()}")
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
+    # spawn() put the app server in a session of its own, its workers with it;
+    # a zombie has let go of everything (init reaps it in a moment).
+    wait_for(
+        lambda: not session_processes(d.proc.pid),
+        10,
+        f"the app server's processes to end: {session_processes(d.proc.pid)}",
+    )
 
 
 @pytest.fixture

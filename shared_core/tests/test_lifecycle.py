@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,35 +15,26 @@ import pytest
 
 from conftest import redis_url, server_processes
 from shared_core import SharedState, StateUnavailable
-from shared_core.testing import RedisServer, kill_and_wait, pids_alive, wait_for
+from shared_core.testing import RedisServer, StateServer, kill_and_wait, pids_alive, wait_for
 
 
 @pytest.fixture
-def serve(runtime_dir: Path) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
-    """An explicit ``shared-core serve`` on a Unix socket: (url, [process])."""
-    sock_dir = runtime_dir / "explicit"
-    url = f"unix://{sock_dir}/state.sock?connect_timeout=1"
-    procs: list[subprocess.Popen[bytes]] = []
-    yield url, procs
-    for proc in procs:
-        proc.kill()
-        proc.wait()
+def serve(runtime_dir: Path) -> Iterator[StateServer]:
+    """An explicit ``shared-core serve`` on a Unix socket, not started yet
+    (``.start()`` at will); killed at teardown."""
+    server = StateServer(runtime_dir / "explicit", connect_timeout=1)
+    yield server
+    server.kill()
 
 
-def start_serve(url: str, procs: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "shared_core", "serve", "--url", url])
-    procs.append(proc)
-    wait_for(lambda: _answers(url) or proc.poll() is not None, 15, "serve to answer")
-    assert proc.poll() is None, "serve exited; its output is above"
-    return proc
-
-
-def _answers(url: str) -> bool:
-    try:
-        SharedState(url).info()
-    except StateUnavailable:
-        return False
-    return True
+def _fails_in_bounded_time(state: SharedState) -> None:
+    """With its server gone, a write and a read raise StateUnavailable, in bounded time."""
+    started = time.monotonic()
+    with pytest.raises(StateUnavailable):
+        state.incr("n")
+    with pytest.raises(StateUnavailable):
+        state.get("n")
+    assert time.monotonic() - started < 4, "connect_timeout is 1 s: fail in bounded time"
 
 
 def test_server_exits_after_the_last_client_leaves(app: str) -> None:
@@ -81,6 +71,9 @@ WORKER = textwrap.dedent(
 
 def test_server_outlives_workers_and_leaves_with_their_master(app: str) -> None:
     url = f"local://{app}?linger=60"
+    # A plain Popen, not spawn(): the test drives this stand-in master through
+    # its stdin, which spawn() does not pipe; it is no server, and a killed run
+    # still ends it and its worker (they inherit the run's marker).
     master = subprocess.Popen(
         [sys.executable, "-c", MASTER, WORKER, url],
         stdin=subprocess.PIPE,
@@ -114,38 +107,26 @@ def test_a_sigkilled_local_server_is_replaced_on_the_next_call(app: str) -> None
     assert new.pid != old.pid
 
 
-def test_explicit_server_gone_raises_then_recovers(
-    serve: tuple[str, list[subprocess.Popen[bytes]]],
-) -> None:
-    url, procs = serve
-    server = start_serve(url, procs)
-    state = SharedState(url)
+def test_explicit_server_gone_raises_then_recovers(serve: StateServer) -> None:
+    state = SharedState(serve.start().url)
     assert state.incr("n") == 1
-    server.kill()
-    server.wait()
-    started = time.monotonic()
-    with pytest.raises(StateUnavailable):
-        state.incr("n")
-    with pytest.raises(StateUnavailable):
-        state.get("n")
-    assert time.monotonic() - started < 4, "connect_timeout is 1 s: fail in bounded time"
-    start_serve(url, procs)
+    serve.kill()
+    _fails_in_bounded_time(state)
+    serve.start()
     assert state.incr("n") == 1
 
 
-def test_explicit_server_does_not_exit_when_idle(
-    serve: tuple[str, list[subprocess.Popen[bytes]]],
-) -> None:
-    url, procs = serve
-    server = start_serve(url, procs)
-    with SharedState(url) as state:
+def test_explicit_server_does_not_exit_when_idle(serve: StateServer) -> None:
+    server = serve.start().proc
+    assert server is not None
+    with SharedState(serve.url) as state:
         state.set("k", "v")
     time.sleep(1.5)
     assert server.poll() is None
-    assert SharedState(url).get("k") == "v"
+    assert SharedState(serve.url).get("k") == "v"
     server.send_signal(signal.SIGTERM)
     assert server.wait(10) == 0
-    assert not os.path.exists(url.split("://")[1].split("?")[0]), "socket removed on exit"
+    assert not serve.socket.exists(), "socket removed on exit"
 
 
 def test_run_launcher_serves_the_command_and_stops_with_it(app: str, runtime_dir: Path) -> None:
@@ -160,13 +141,11 @@ def test_run_launcher_serves_the_command_and_stops_with_it(app: str, runtime_dir
     assert server_processes(app) == []
 
 
-def test_info_command_prints_the_server_report(
-    serve: tuple[str, list[subprocess.Popen[bytes]]],
-) -> None:
-    url, procs = serve
-    server = start_serve(url, procs)
+def test_info_command_prints_the_server_report(serve: StateServer) -> None:
+    server = serve.start().proc
+    assert server is not None
     out = subprocess.run(
-        [sys.executable, "-m", "shared_core", "info", "--url", url],
+        [sys.executable, "-m", "shared_core", "info", "--url", serve.url],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -179,12 +158,7 @@ def test_redis_gone_raises_then_recovers(runtime_dir: Path, app: str) -> None:
     try:
         assert state.incr("n") == 1
         redis.kill()
-        started = time.monotonic()
-        with pytest.raises(StateUnavailable):
-            state.incr("n")
-        with pytest.raises(StateUnavailable):
-            state.get("n")
-        assert time.monotonic() - started < 4, "connect_timeout is 1 s: fail in bounded time"
+        _fails_in_bounded_time(state)
         redis.start()
         assert state.incr("n") == 1  # a Redis without persistence starts empty
     finally:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 from conftest import server_processes
 from shared_core import SharedState, StateUnavailable
 from shared_core._config import base_dir
-from shared_core.testing import kill_and_wait, wait_for
+from shared_core.testing import StateServer, kill_and_wait, wait_for
 
 
 def _snapshot(app: str) -> Path:
@@ -84,24 +82,15 @@ def test_a_corrupt_or_foreign_snapshot_is_refused_and_kept(
 
 
 def test_explicit_server_saves_on_sigterm(runtime_dir: Path) -> None:
-    sock_dir = runtime_dir / "explicit"
     snapshot = runtime_dir / "state.json"
-    url = f"unix://{sock_dir}/state.sock?persist={snapshot}&snapshot_interval=3600"
-
-    def serve() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", "shared_core", "serve", "--url", url])
-        wait_for(lambda: (sock_dir / "state.sock").exists(), 15, "serve")
-        return proc
-
-    server = serve()
+    server = StateServer(runtime_dir / "explicit", persist=snapshot, snapshot_interval=3600)
     try:
-        SharedState(url).set("k", "kept")
-        server.terminate()
-        assert server.wait(10) == 0
+        SharedState(server.start().url).set("k", "kept")
+        server.stop()  # SIGTERM; SIGKILL (a non-zero exit) after 10 s
+        assert server.proc is not None
+        assert server.proc.returncode == 0
         document = json.loads(snapshot.read_text())
         assert document["format"] == "shared_core-snapshot"
-        server = serve()
-        assert SharedState(url).get("k") == "kept"
+        assert SharedState(server.start().url).get("k") == "kept"
     finally:
         server.kill()
-        server.wait()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 
 from shared_core import ConfigError, SharedState, StateUnavailable
 from shared_core._config import base_dir
+from shared_core.testing import free_port, spawn
 
 
 def _mode(path: Path) -> int:
@@ -78,33 +78,25 @@ def test_a_readable_key_file_is_refused(
         SharedState(url).get("k")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _serve(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "shared_core", "serve", *args],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
+def _serve(*args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``shared_core serve ARGS``, its stderr a pipe (bytes), ended with the test run."""
+    return spawn(
+        [sys.executable, "-m", "shared_core", "serve", *args], env=env, stderr=subprocess.PIPE
     )
 
 
 def test_tcp_beyond_loopback_needs_the_opt_in(runtime_dir: Path) -> None:
     env = dict(os.environ, SHARED_STATE_AUTHKEY="x" * 32)
-    refused = _serve("--url", f"tcp://0.0.0.0:{_free_port()}", env=env)
-    _, err = refused.communicate(timeout=30)
+    refused = _serve("--url", f"tcp://0.0.0.0:{free_port()}", env=env)
+    err = refused.communicate(timeout=30)[1].decode()
     assert refused.returncode != 0
     assert "allow_remote" in err
     assert "refusing to bind 0.0.0.0" in err
 
-    allowed = _serve("--url", f"tcp://0.0.0.0:{_free_port()}", "--allow-remote", env=env)
+    allowed = _serve("--url", f"tcp://0.0.0.0:{free_port()}", "--allow-remote", env=env)
     try:
         assert allowed.stderr is not None
-        line = allowed.stderr.readline()
+        line = allowed.stderr.readline().decode()
         assert "beyond loopback" in line
         assert "unpickles" in line
     finally:
@@ -117,7 +109,7 @@ def test_tcp_on_loopback_with_a_key_from_the_environment(
 ) -> None:
     key = "k" * 32
     monkeypatch.setenv("SHARED_STATE_AUTHKEY", key)
-    url = f"tcp://127.0.0.1:{_free_port()}?connect_timeout=10"
+    url = f"tcp://127.0.0.1:{free_port()}?connect_timeout=10"
     server = _serve("--url", url, env=dict(os.environ))
     try:
         state = SharedState(url)
@@ -125,14 +117,14 @@ def test_tcp_on_loopback_with_a_key_from_the_environment(
         assert key not in repr(state.info())
     finally:
         server.terminate()
-        _, err = server.communicate(timeout=10)
+        err = server.communicate(timeout=10)[1].decode()
     assert server.returncode == 0
     assert key not in err
 
 
 def test_tcp_without_a_key_is_a_config_error(runtime_dir: Path) -> None:
     with pytest.raises(ConfigError, match="SHARED_STATE_AUTHKEY"):
-        SharedState(f"tcp://127.0.0.1:{_free_port()}").get("k")
+        SharedState(f"tcp://127.0.0.1:{free_port()}").get("k")
 
 
 def test_the_generated_key_never_reaches_the_log(app: str, manager_url: str) -> None:
