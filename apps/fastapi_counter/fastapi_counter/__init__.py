@@ -5,6 +5,7 @@
 
 import asyncio
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -13,10 +14,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from fastapi_offline import FastAPIOffline
+from slowapi import Limiter
+from slowapi.errors import RateLimitExceeded
+from slowapi.util import get_remote_address
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Route
 
+import shared_core.contrib.limits  # noqa: F401 - gives limits (so slowapi) the shared:// URIs
 from shared_core import LockTimeout
+from shared_core.contrib.aiocache import SharedStateCache
 from shared_core.starlette import SharedStateDep, background_task, init_app, lifespan
 
 # What a copy changes: the name of its state (it picks a private socket), the limits.
@@ -25,6 +31,8 @@ MAX_BY = 1000
 MAX_BODY = 16 * 1024
 MAX_JOB_SECONDS = 30
 SEEN_FOR = 60  # seconds a worker stays on the page's list of workers after it served the page
+LIMIT = "10/minute"  # /limited, per client address
+CACHE_FOR = 30  # seconds /cached keeps the value it computed
 
 Key = Annotated[str, Query(pattern=r"^[A-Za-z0-9_.:-]+$", min_length=1, max_length=64)]
 By = Annotated[int, Query(ge=1, le=MAX_BY)]
@@ -38,6 +46,11 @@ def create_app(state_url: str | None = None) -> FastAPI:
     # FastAPIOffline: a FastAPI whose /docs and /redoc use assets it serves, not a CDN's.
     app = FastAPIOffline(title=APP_NAME, lifespan=lifespan)
     shared_state = init_app(app, state_url, app_name=APP_NAME)  # with signed sessions, 503s
+    # slowapi calls limits' sync API: a sync client of the same state ("shared://APP_NAME"
+    # by default), so each check blocks this worker for one round trip.
+    storage = f"shared+{shared_state.url}"
+    limiter = app.state.limiter = Limiter(get_remote_address, storage_uri=storage)
+    cache = SharedStateCache(shared_state, ttl=CACHE_FOR)  # an aiocache cache all workers share
     app.state.generation = 0  # this worker's own, like a loaded config, a cache, a model
     alone = {"count": 0}  # what a per-worker global (naive.py) would say: this worker's count
 
@@ -83,6 +96,11 @@ def create_app(state_url: str | None = None) -> FastAPI:
             headers = {"Allow": ", ".join(sorted(methods))}
         return JSONResponse({"error": exc.detail}, exc.status_code, headers=headers)
 
+    @app.exception_handler(RateLimitExceeded)
+    async def too_many(request: Request, exc: RateLimitExceeded) -> JSONResponse:
+        error = {"error": f"rate limit exceeded: {exc.detail}", "pid": os.getpid()}
+        return JSONResponse(error, 429)
+
     # A route per method, so that each has an operation id of its own.
     @app.get("/increment", operation_id="increment_get")
     @app.post("/increment", operation_id="increment")
@@ -123,6 +141,22 @@ def create_app(state_url: str | None = None) -> FastAPI:
     @app.get("/jobs/report", operation_id="job_status")
     async def job_status(state: SharedStateDep) -> dict[str, Any]:
         return {"holder": await state.get("job:report:holder"), "pid": os.getpid()}
+
+    @app.get("/limited", operation_id="limited", responses={429: {"description": "too many"}})
+    @limiter.limit(LIMIT)
+    async def limited(request: Request) -> dict[str, Any]:
+        return {"ok": True, "pid": os.getpid()}
+
+    @app.get("/cached", operation_id="cached")
+    async def cached() -> dict[str, Any]:
+        value = await cache.get("value")
+        if value is None:
+            async with shared_state.lock("cached"):  # one worker computes, the others wait
+                value = await cache.get("value")
+                if value is None:
+                    value = {"computed_by": os.getpid(), "at": time.time()}  # the work
+                    await cache.set("value", value)
+        return {"value": value, "pid": os.getpid()}
 
     @app.get("/whoami", operation_id="whoami")
     async def whoami(request: Request) -> dict[str, Any]:

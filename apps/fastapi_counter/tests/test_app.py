@@ -3,6 +3,7 @@
 import asyncio
 import os
 import re
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 from httpx import AsyncClient
 
-from fastapi_counter import create_app
+from fastapi_counter import CACHE_FOR, create_app
 from shared_core import AsyncSharedState
 from shared_core.testing import IsolatedState
 
@@ -125,6 +126,7 @@ def test_every_operation_has_its_own_id() -> None:
     ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
     assert len(ids) == len(set(ids)), ids
     assert {"increment", "increment_get", "reset", "reset_get", "index", "index_form"} <= set(ids)
+    assert {"limited", "cached"} <= set(ids)
 
 
 @pytest.mark.parametrize("path", ["/docs", "/redoc"])
@@ -166,7 +168,33 @@ async def test_no_state_is_a_503(serve: Callable[..., Any], isolated_state: Isol
     client = await serve(
         f"unix://{isolated_state.runtime_dir}/nobody/state.sock?connect_timeout=0.5"
     )
-    for path in ("/increment", "/healthz", "/session"):
+    for path in ("/increment", "/healthz", "/session", "/limited", "/cached"):
         response = await client.get(path)
         assert response.status_code == 503
         assert "unavailable" in response.json()["error"]
+
+
+async def test_the_limit_is_the_same_in_every_worker(serve: Callable[..., Any]) -> None:
+    first, second = await serve(), await serve()  # two workers, one client address
+    statuses = [(await worker.get("/limited")).status_code for worker in (first, second) * 5]
+    assert statuses == [200] * 10
+    for worker in (first, second):
+        response = await worker.get("/limited")
+        assert response.status_code == 429
+        body = response.json()
+        assert body["error"].startswith("rate limit exceeded: ")
+        assert body["pid"] == os.getpid()
+
+
+async def test_the_cached_value_is_computed_once_for_every_worker(
+    serve: Callable[..., Any], isolated_state: IsolatedState
+) -> None:
+    first, second = await serve(), await serve()
+    body = (await first.get("/cached")).json()
+    value = body["value"]
+    assert value["computed_by"] == os.getpid()
+    assert abs(value["at"] - time.time()) < 60
+    assert (await second.get("/cached")).json()["value"] == value
+    assert (await first.get("/cached")).json()["value"] == value
+    async with AsyncSharedState(isolated_state.url) as state:  # kept for CACHE_FOR seconds
+        assert 0 < (await state.ttl("aiocache:value") or 0) <= CACHE_FOR

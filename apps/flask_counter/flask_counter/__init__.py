@@ -20,22 +20,35 @@ from flask import (
     session,
     url_for,
 )
+from flask_caching import Cache
+from flask_limiter import Limiter, RateLimitExceeded
+from flask_limiter.util import get_remote_address
+from flask_session import Session  # type: ignore[import-untyped]
 from werkzeug.exceptions import HTTPException
 
+import shared_core.contrib.limits  # noqa: F401 - makes limits know shared://
 from shared_core import LockTimeout
+from shared_core.contrib.cachelib import SharedStateCache
 from shared_core.flask import SharedStateExtension, subscribe
 
 # What a copy changes: the name of its state (it picks a private socket), the limits.
 shared = SharedStateExtension(app_name="flask_counter")
+cache = Cache()  # CACHE_TYPE below: one cache for every worker
 MAX_BY = 1000
 MAX_JOB_SECONDS = 30
 SEEN_FOR = 60  # seconds a worker stays on the page's list of workers after it served the page
+LIMIT = "10 per minute"  # /limited, per client address, across all workers
+CACHE_SECONDS = 30  # how long /cached serves the value one worker computed
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the app; ``test_config`` overrides settings such as ``SHARED_STATE_URL``."""
     app = Flask(__name__)
-    app.config.from_mapping(MAX_CONTENT_LENGTH=16 * 1024)
+    app.config.from_mapping(
+        MAX_CONTENT_LENGTH=16 * 1024,
+        CACHE_TYPE="shared_core.contrib.flask_caching.SharedStateCache",
+        SESSION_STORE=os.environ.get("SESSION_STORE", "cookie"),  # or "server"
+    )
     app.config.from_mapping(test_config or {})
 
     @app.before_request
@@ -51,7 +64,18 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         response.content_type = "application/json"
         return response
 
+    @app.errorhandler(RateLimitExceeded)
+    def rate_limited(exc: RateLimitExceeded) -> Any:
+        return {"error": f"rate limit exceeded: {exc.description}", "pid": os.getpid()}, 429
+
     state = shared.init_app(app)
+    # Rate limits, cache and server-side sessions on the app's state (after init_app).
+    app.config.update(RATELIMIT_STORAGE_URI="shared://", RATELIMIT_STORAGE_OPTIONS={"state": state})
+    limiter = Limiter(get_remote_address, app=app)
+    cache.init_app(app)
+    if app.config["SESSION_STORE"] == "server":
+        app.config.update(SESSION_TYPE="cachelib", SESSION_CACHELIB=SharedStateCache(state))
+        Session(app)
     loaded = {"generation": 0}  # this worker's own, like a loaded config, a cache, a model
     alone = {"count": 0}  # what a per-worker global (naive.py) would say: this worker's count
 
@@ -120,9 +144,18 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         state.get("config:generation")  # a 503 while the state is unavailable
         return {"status": "ok", "pid": os.getpid()}
 
+    @app.get("/limited")
+    @limiter.limit(LIMIT)
+    def limited() -> Any:
+        return {"ok": True, "pid": os.getpid()}
+
+    @app.get("/cached")
+    def cached() -> Any:
+        return {"value": computed(), "pid": os.getpid()}
+
     @app.get("/session")
     def visits() -> Any:
-        # Only grows if every worker accepts the session cookie signed by another.
+        # Only grows if every worker accepts the session set by another.
         session["visits"] = session.get("visits", 0) + 1
         return {"visits": session["visits"], "pid": os.getpid()}
 
@@ -154,6 +187,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         return redirect(url_for("index"), 303)
 
     return app
+
+
+@cache.cached(timeout=CACHE_SECONDS, key_prefix="computed")
+def computed() -> dict[str, Any]:
+    """The expensive work: done by one worker, then served by every worker."""
+    return {"computed_by": os.getpid(), "at": time.time()}
 
 
 def _key() -> str:

@@ -1,18 +1,28 @@
 """Only to show the bug that shared_core fixes (``COUNTER_MODE=naive``): do not copy it.
 
 The usual first try, globals of the module: each worker has its own count and
-``SECRET_KEY``, so numbers repeat across pids and ``/session`` starts over.
+``SECRET_KEY``, so numbers repeat across pids and ``/session`` starts over; and
+the defaults of flask-limiter (``memory://``) and flask-caching (``SimpleCache``),
+so each worker lets ``LIMIT`` through and computes ``/cached`` for itself.
 """
 
 import os
 import secrets
+import time
 from typing import Any
 
 from flask import Flask, session
+from flask_caching import Cache
+from flask_limiter import Limiter, RateLimitExceeded
+from flask_limiter.util import get_remote_address
+
+from . import CACHE_SECONDS, LIMIT
 
 app = Flask(__name__)
 app.secret_key = secrets.token_hex(32)  # a different one in every worker
 count = 0
+limiter = Limiter(get_remote_address, app=app, storage_uri="memory://")  # per worker
+cache = Cache(app, config={"CACHE_TYPE": "SimpleCache"})  # per worker
 
 
 @app.route("/increment", methods=["GET", "POST"])
@@ -32,3 +42,20 @@ def report() -> Any:
 def visits() -> Any:
     session["visits"] = session.get("visits", 0) + 1
     return {"visits": session["visits"], "pid": os.getpid()}
+
+
+@app.get("/limited")
+@limiter.limit(LIMIT)
+def limited() -> Any:
+    return {"ok": True, "pid": os.getpid()}
+
+
+@app.errorhandler(RateLimitExceeded)
+def rate_limited(exc: RateLimitExceeded) -> Any:
+    return {"error": f"rate limit exceeded: {exc.description}", "pid": os.getpid()}, 429
+
+
+@app.get("/cached")
+@cache.cached(timeout=CACHE_SECONDS, key_prefix="computed")
+def cached() -> Any:
+    return {"value": {"computed_by": os.getpid(), "at": time.time()}, "pid": os.getpid()}

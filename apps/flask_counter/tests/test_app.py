@@ -134,7 +134,41 @@ def test_the_job_runs_in_one_worker_at_a_time(
 def test_no_state_is_a_503(make_app: Callable[..., Flask], isolated_state: IsolatedState) -> None:
     nowhere = f"unix://{isolated_state.runtime_dir}/nobody/state.sock?connect_timeout=0.5"
     client = make_app(SHARED_STATE_URL=nowhere).test_client()
-    for path in ("/increment", "/healthz", "/session"):
+    for path in ("/increment", "/healthz", "/session", "/limited", "/cached"):
         status, body = call(client, path)
         assert status == 503
         assert "unavailable" in body["error"]
+
+
+def test_the_rate_limit_is_one_for_every_worker(make_app: Callable[..., Flask]) -> None:
+    first, second = make_app().test_client(), make_app().test_client()  # two workers
+    statuses = [call(client, "/limited")[0] for _ in range(6) for client in (first, second)]
+    assert statuses == [200] * 10 + [429] * 2  # LIMIT is 10 per minute, in all
+    status, body = call(second, "/limited")
+    assert status == 429
+    assert body == {"error": "rate limit exceeded: 10 per 1 minute", "pid": os.getpid()}
+
+
+def test_the_cached_value_is_computed_once_for_every_worker(
+    make_app: Callable[..., Flask],
+) -> None:
+    first, second = make_app().test_client(), make_app().test_client()
+    value = call(first, "/cached")[1]["value"]
+    assert value["computed_by"] == os.getpid()
+    assert call(second, "/cached")[1]["value"] == value  # not computed again
+    assert 0 < (get_state(first.application).ttl("flask_cache_computed") or 0) <= 30
+
+
+def test_server_side_sessions_keep_only_an_id_in_the_cookie(
+    make_app: Callable[..., Flask],
+) -> None:
+    first = make_app(SESSION_STORE="server").test_client()
+    second = make_app(SESSION_STORE="server").test_client()
+    assert call(first, "/session")[1]["visits"] == 1
+    cookie = first.get_cookie("session")
+    assert cookie is not None
+    assert re.fullmatch(r"[A-Za-z0-9_-]{32,}", cookie.value)  # an id, not signed data
+    second.set_cookie("session", cookie.value)
+    assert call(second, "/session")[1]["visits"] == 2
+    state = get_state(first.application)
+    assert state.get(f"cachelib:session:{cookie.value}")["visits"] == 2

@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import re
+import time
+from datetime import timedelta
 from typing import Any
 
 from quart import (
@@ -20,9 +22,12 @@ from quart import (
     session,
     url_for,
 )
+from quart_rate_limiter import RateLimiter, RateLimitExceeded, rate_limit
 from werkzeug.exceptions import HTTPException
 
 from shared_core import LockTimeout
+from shared_core.contrib.aiocache import SharedStateCache
+from shared_core.contrib.quart_rate_limiter import SharedStateStore
 from shared_core.quart import SharedStateExtension, background_task
 
 # What a copy changes: the name of its state (it picks a private socket), the limits.
@@ -30,6 +35,8 @@ shared = SharedStateExtension(app_name="quart_counter")
 MAX_BY = 1000
 MAX_JOB_SECONDS = 30
 SEEN_FOR = 60  # seconds a worker stays on the page's list of workers after it served the page
+LIMIT, LIMIT_PERIOD = 10, timedelta(minutes=1)  # /limited, per client address
+CACHE_FOR = 30  # seconds /cached keeps the value it computed
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Quart:
@@ -37,6 +44,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Quart:
     app = Quart(__name__)
     app.config.update(MAX_CONTENT_LENGTH=16 * 1024, **(test_config or {}))
     state = shared.init_app(app)
+    RateLimiter(app, store=SharedStateStore(state))  # one limit for all the workers
+    cache = SharedStateCache(state, ttl=CACHE_FOR)  # an aiocache cache all the workers share
     loaded = {"generation": 0}  # this worker's own, like a loaded config, a cache, a model
     alone = {"count": 0}  # what a per-worker global (naive.py) would say: this worker's count
 
@@ -70,6 +79,14 @@ def create_app(test_config: dict[str, Any] | None = None) -> Quart:
     async def http_error(exc: HTTPException) -> Any:
         response = exc.get_response()  # keeps headers such as Allow on a 405
         response.set_data(json.dumps({"error": exc.description}))
+        response.content_type = "application/json"
+        return response
+
+    @app.errorhandler(RateLimitExceeded)
+    async def too_many(exc: RateLimitExceeded) -> Any:
+        response = exc.get_response()  # keeps Retry-After
+        error = f"rate limit exceeded: retry after {exc.retry_after} s"
+        response.set_data(json.dumps({"error": error, "pid": os.getpid()}))
         response.content_type = "application/json"
         return response
 
@@ -111,6 +128,22 @@ def create_app(test_config: dict[str, Any] | None = None) -> Quart:
     @app.get("/jobs/report")
     async def job_status() -> Any:
         return {"holder": await state.get("job:report:holder"), "pid": os.getpid()}
+
+    @app.get("/limited")
+    @rate_limit(LIMIT, LIMIT_PERIOD)
+    async def limited() -> Any:
+        return {"ok": True, "pid": os.getpid()}
+
+    @app.get("/cached")
+    async def cached() -> Any:
+        value = await cache.get("value")
+        if value is None:
+            async with state.lock("cached"):  # one worker computes, the others wait and read
+                value = await cache.get("value")
+                if value is None:
+                    value = {"computed_by": os.getpid(), "at": time.time()}  # the work
+                    await cache.set("value", value)
+        return {"value": value, "pid": os.getpid()}
 
     @app.get("/whoami")
     async def whoami() -> Any:

@@ -1,18 +1,29 @@
 """Only to show the bug that shared_core fixes (``COUNTER_MODE=naive``): do not copy it.
 
 The usual first try, globals of the module: each worker has its own count and
-``SECRET_KEY``, so numbers repeat across pids and ``/session`` starts over.
+``SECRET_KEY``, so numbers repeat across pids and ``/session`` starts over. The
+rate limiter's default store and aiocache's memory cache are per worker too:
+with 4 workers a client gets up to 4 times the limit through, and each worker
+computes and serves a value of its own.
 """
 
+import json
 import os
 import secrets
+import time
 from typing import Any
 
+from aiocache import SimpleMemoryCache  # type: ignore[import-untyped]
 from quart import Quart, session
+from quart_rate_limiter import RateLimiter, RateLimitExceeded, rate_limit
+
+from . import CACHE_FOR, LIMIT, LIMIT_PERIOD
 
 app = Quart(__name__)
 app.secret_key = secrets.token_hex(32)  # a different one in every worker
 count = 0
+RateLimiter(app)  # its default MemoryStore: a limit per worker
+cache = SimpleMemoryCache(ttl=CACHE_FOR)  # a cache per worker
 
 
 @app.route("/increment", methods=["GET", "POST"])
@@ -32,3 +43,27 @@ async def report() -> Any:
 async def visits() -> Any:
     session["visits"] = session.get("visits", 0) + 1
     return {"visits": session["visits"], "pid": os.getpid()}
+
+
+@app.get("/limited")
+@rate_limit(LIMIT, LIMIT_PERIOD)
+async def limited() -> Any:
+    return {"ok": True, "pid": os.getpid()}
+
+
+@app.errorhandler(RateLimitExceeded)
+async def too_many(exc: RateLimitExceeded) -> Any:
+    error = f"rate limit exceeded: retry after {exc.retry_after} s"
+    response = exc.get_response()
+    response.set_data(json.dumps({"error": error, "pid": os.getpid()}))
+    response.content_type = "application/json"
+    return response
+
+
+@app.get("/cached")
+async def cached() -> Any:
+    value = await cache.get("value")
+    if value is None:
+        value = {"computed_by": os.getpid(), "at": time.time()}
+        await cache.set("value", value)
+    return {"value": value, "pid": os.getpid()}

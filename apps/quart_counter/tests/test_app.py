@@ -3,6 +3,7 @@
 import asyncio
 import os
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -10,6 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 from quart.typing import TestClientProtocol as Client
 
+from quart_counter import CACHE_FOR, LIMIT
 from shared_core import AsyncSharedState
 from shared_core.testing import IsolatedState
 
@@ -146,7 +148,46 @@ async def test_the_job_runs_in_one_worker_at_a_time(
 async def test_no_state_is_a_503(serve: Callable[..., Any], isolated_state: IsolatedState) -> None:
     nowhere = f"unix://{isolated_state.runtime_dir}/nobody/state.sock?connect_timeout=0.5"
     client = await serve(SHARED_STATE_URL=nowhere)
-    for path in ("/increment", "/healthz", "/session"):
+    for path in ("/increment", "/healthz", "/session", "/cached"):
         status, body = await call(client, path)
         assert status == 503
         assert "unavailable" in body["error"]
+
+
+async def test_the_limit_is_the_same_in_every_worker(serve: Callable[..., Any]) -> None:
+    first, second = await serve(), await serve()  # two workers, one client address
+    statuses = [(await call(worker, "/limited"))[0] for worker in (first, second) * 5]
+    assert statuses == [200] * LIMIT
+    status, body = await call(first, "/limited")
+    assert status == 429
+    assert body["error"].startswith("rate limit exceeded: ")
+    assert body["pid"] == os.getpid()
+    response = await second.get("/limited")
+    assert response.status_code == 429
+    assert response.content_type == "application/json"
+    assert int(response.headers["Retry-After"]) > 0
+
+
+async def test_the_cached_value_is_computed_once_for_every_worker(
+    serve: Callable[..., Any], isolated_state: IsolatedState
+) -> None:
+    first, second = await serve(), await serve()
+    status, body = await call(first, "/cached")
+    assert status == 200
+    value = body["value"]
+    assert value["computed_by"] == os.getpid()
+    assert abs(value["at"] - time.time()) < 60
+    assert (await call(second, "/cached"))[1]["value"] == value
+    assert (await call(first, "/cached"))[1]["value"] == value
+    async with AsyncSharedState(isolated_state.url) as state:  # kept for CACHE_FOR seconds
+        assert 0 < (await state.ttl("aiocache:value") or 0) <= CACHE_FOR
+
+
+async def test_no_state_is_a_503_on_the_limited_page_too(
+    serve: Callable[..., Any], isolated_state: IsolatedState
+) -> None:
+    nowhere = f"unix://{isolated_state.runtime_dir}/nobody/state.sock?connect_timeout=0.5"
+    client = await serve(SHARED_STATE_URL=nowhere)
+    status, body = await call(client, "/limited")
+    assert status == 503
+    assert "unavailable" in body["error"]

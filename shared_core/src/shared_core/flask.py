@@ -26,7 +26,9 @@ What ``init_app`` does for each app:
   worker, read on the first request (not at start-up, so that a worker starts,
   and answers 503, while the state server is away) unless ``SECRET_KEY`` is set;
 - turns :class:`~shared_core.StateUnavailable` into ``503 {"error": ...}``, also
-  when it happens while the session is opened: then no view runs;
+  when it happens while the session is opened (then no view runs) or saved,
+  by this extension or another (Flask-Session on the state), unless the app
+  has a 500 handler of its own;
 - closes the state's connections, and stops the subscriptions made with
   :func:`subscribe`, when the process exits (Flask has no hook for the end of
   a worker; ``atexit`` is the one Python has), or at :func:`close`.
@@ -45,6 +47,7 @@ from typing import Any
 from flask import Flask, Request, current_app, jsonify, session
 from flask.sessions import NullSession, SecureCookieSession, SecureCookieSessionInterface
 from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import InternalServerError
 
 from ._broadcast import Subscription
 from ._errors import StateUnavailable
@@ -83,6 +86,10 @@ class SharedStateExtension(ExtensionBase[Flask, SharedState]):
             app.before_request_funcs.setdefault(None, []).insert(0, _raise_if_unavailable)
         if self.errors:
             app.register_error_handler(StateUnavailable, _unavailable)
+            # What fails while Flask opens or saves a session (Flask-Session on
+            # the state) reaches only the 500 handler: keep a user's own one.
+            if InternalServerError not in app.error_handler_spec[None][500]:
+                app.register_error_handler(InternalServerError, _internal_error)
         return state
 
     @property
@@ -196,6 +203,12 @@ def _raise_if_unavailable() -> None:
 def _unavailable(exc: StateUnavailable) -> ResponseReturnValue:
     current_app.logger.error("the shared state is unavailable: %s", exc)
     return jsonify(error=UNAVAILABLE), 503
+
+
+def _internal_error(exc: InternalServerError) -> ResponseReturnValue:
+    if isinstance(exc.original_exception, StateUnavailable):
+        return _unavailable(exc.original_exception)
+    return exc  # Flask's own 500
 
 
 # --- per process ------------------------------------------------------------------

@@ -34,7 +34,9 @@ What ``init_app`` does for each app:
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -54,7 +56,12 @@ __all__ = [
     "UnavailableSession",
     "background_task",
     "get_state",
+    "unavailable_in_this_request",
 ]
+
+# The requests (tasks) answered 503: what runs after the handler in them (an
+# extension's after_request) can answer at once instead of waiting again.
+_answered_unavailable: weakref.WeakSet[asyncio.Task[object]] = weakref.WeakSet()
 
 _WORKER_KEY = "shared_core.worker"
 
@@ -180,8 +187,22 @@ async def _before_serving(worker: Worker) -> None:
     worker.start()
 
 
-def _unavailable(exc: StateUnavailable) -> ResponseReturnValue:
+def unavailable_in_this_request() -> bool:
+    """Whether the current request was already answered 503 for the state.
+
+    For code that runs after the error handler, as an extension's
+    ``after_request`` does: it can skip the state rather than wait out the
+    state's timeouts a second time (and turn the 503 into a 500).
+    """
+    task = asyncio.current_task()
+    return task is not None and task in _answered_unavailable
+
+
+async def _unavailable(exc: StateUnavailable) -> ResponseReturnValue:
+    # A coroutine: Quart runs a plain function in a thread, outside the request's task.
     current_app.logger.error("the shared state is unavailable: %s", exc)
+    if (task := asyncio.current_task()) is not None:
+        _answered_unavailable.add(task)
     return jsonify(error=UNAVAILABLE), 503
 
 

@@ -1,0 +1,1 @@
+"""Backends for other libraries' interfaces (optional extras)."""
