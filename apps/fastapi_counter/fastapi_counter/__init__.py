@@ -191,6 +191,8 @@ def create_app(state_url: str | None = None) -> FastAPI:
     @app.post("/", operation_id="index_form", status_code=303, response_class=RedirectResponse)
     async def index_form(request: Request, button: Button = "increment") -> Any:
         # The page's buttons: post, then redirect (303) to the page, which shows the flash.
+        if (await request.form()).get("button") == "":  # FastAPI reads it as absent
+            return JSONResponse({"error": "button: must be increment or reset"}, 422)
         if button == "increment":
             message = f"Worker {os.getpid()} raised the count to {await add('counter', 1)}."
         else:
