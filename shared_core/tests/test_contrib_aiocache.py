@@ -13,9 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-
-pytest.importorskip("aiocache")
-
 from aiocache import Cache, cached, caches  # type: ignore[import-untyped]
 from aiocache.lock import (  # type: ignore[import-untyped]
     OptimisticLock,

@@ -14,14 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
-
-pytest.importorskip("cachelib")
-pytest.importorskip("flask_caching")
-pytest.importorskip("flask_session")
-
 import flask_caching
 import flask_session  # type: ignore[import-untyped]
+import pytest
 from flask import Flask, session
 
 from conftest import redis_url

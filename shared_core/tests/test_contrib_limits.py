@@ -13,9 +13,6 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
-
-pytest.importorskip("limits", reason="the limits extra: pip install 'shared-core[limits]'")
-
 from limits import RateLimitItem, RateLimitItemPerDay, RateLimitItemPerSecond
 from limits.aio.strategies import STRATEGIES as ASYNC_STRATEGIES
 from limits.errors import ConfigurationError, StorageError
@@ -371,7 +368,6 @@ def _flask_hits(uri: str, strategy: str, n: int, barrier: Any, out: Any) -> None
 
 @pytest.mark.parametrize("strategy", NAMES)
 def test_flask_limiter_in_4_processes_allows_exactly_n(url: str, strategy: str) -> None:
-    pytest.importorskip("flask_limiter")
     away_from_a_window_edge(RateLimitItemPerDay(N))
     statuses = run_at_once(_flask_hits, (storage_uri(url), strategy), shares(5 * N, WORKERS))
     codes = [code for worker in statuses for code in worker]
@@ -380,7 +376,6 @@ def test_flask_limiter_in_4_processes_allows_exactly_n(url: str, strategy: str) 
 
 @pytest.mark.parametrize("setting", ["none", "swallow_errors", "in_memory_fallback_enabled"])
 def test_flask_limiter_when_the_state_is_unavailable(unreachable: str, setting: str) -> None:
-    pytest.importorskip("flask_limiter")
     from flask import Flask
     from flask_limiter import Limiter
     from flask_limiter.util import get_remote_address
@@ -441,7 +436,6 @@ def _slowapi_hits(uri: str, strategy: str, n: int, barrier: Any, out: Any) -> No
 
 @pytest.mark.parametrize("strategy", NAMES)
 def test_slowapi_in_4_processes_allows_exactly_n(url: str, strategy: str) -> None:
-    pytest.importorskip("slowapi")
     away_from_a_window_edge(RateLimitItemPerDay(N))
     statuses = run_at_once(_slowapi_hits, (storage_uri(url), strategy), shares(5 * N, WORKERS))
     codes = [code for worker in statuses for code in worker]

@@ -12,9 +12,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-
-pytest.importorskip("quart_rate_limiter")
-
 from quart import Quart
 from quart_rate_limiter import RateLimiter, rate_limit
 

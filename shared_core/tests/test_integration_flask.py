@@ -6,9 +6,6 @@ import threading
 from typing import Any
 
 import pytest
-
-pytest.importorskip("flask")
-
 from flask import Flask, session
 from flask.sessions import SecureCookieSessionInterface
 from werkzeug.test import TestResponse

@@ -6,9 +6,6 @@ import asyncio
 from typing import Any
 
 import pytest
-
-pytest.importorskip("quart")
-
 from quart import Quart, session
 from quart import typing as quart_typing
 from quart.sessions import SecureCookieSessionInterface

@@ -13,11 +13,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import pytest
-
-pytest.importorskip("fastapi")
-
 import httpx
+import pytest
 from fastapi import FastAPI, Request, WebSocket
 from itsdangerous import TimestampSigner
 from starlette.applications import Starlette
