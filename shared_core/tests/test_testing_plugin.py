@@ -135,3 +135,39 @@ def test_what_spawn_started_ends_with_its_killed_owner(
             with contextlib.suppress(psutil.NoSuchProcess):
                 left.append(psutil.Process(pid))
         kill_and_wait(left)
+
+
+STUCK = """
+import threading, time
+
+def test_leaves_a_thread_that_never_ends():
+    threading.Thread(target=time.sleep, args=(3600,), name="never-ends").start()
+"""
+
+
+@pytest.mark.parametrize("limit", ["2", "0"])
+def test_a_run_that_cannot_exit_is_ended_with_its_stacks(tmp_path: Path, limit: str) -> None:
+    """Tests over, a non-daemon thread left: the process exits 1 with every stack, unless 0."""
+    (tmp_path / "test_stuck.py").write_text(STUCK)
+    env = {k: v for k, v in os.environ.items() if k != RUN_VARIABLE}
+    env[testing.EXIT_LIMIT_VARIABLE] = limit
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "shared_core.testing", "-p", "no:cacheprovider",
+         "-q", "test_stuck.py"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        out, _ = run.communicate(timeout=60 if limit != "0" else 8)
+    except subprocess.TimeoutExpired:
+        assert limit == "0", "the run must end within its exit limit"
+        run.kill()
+        run.communicate()
+        return
+    assert limit != "0", "with no limit the stuck run must go on"
+    text = out.decode()
+    assert run.returncode == 1, text
+    assert "1 passed" in text
+    assert "Timeout (0:00:02)!" in text
+    # Both stacks: the main thread waiting for the other at interpreter exit.
+    assert text.count("Thread 0x") == 2, text
+    assert "in _shutdown" in text, text

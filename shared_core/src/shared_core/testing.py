@@ -13,7 +13,10 @@ needs ``pip install "shared-core[testing]"``:
 Servers started by a test run end with it, however it ends (a CI timeout, a
 second Ctrl-C, ``kill -9`` of pytest): see "tying servers to the test run"
 below. At the start of a session the plugin also ends, and reports, what an
-earlier run of the same checkout left running.
+earlier run of the same checkout left running. A run whose tests are over
+but whose process does not exit within 120 s (``$SHARED_CORE_TEST_EXIT_LIMIT``;
+0: no limit), say for a non-daemon thread, prints every thread's stack and
+exits with status 1.
 
 The helpers work without pytest too:
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import faulthandler
 import hashlib
 import os
 import shutil
@@ -667,11 +671,21 @@ class RedisServer(_Server):
 
 
 _SWEPT = pytest.StashKey[list[str]]()
+# A run whose tests are over but whose process cannot exit (a non-daemon thread
+# still running, an atexit handler that waits) would hold a CI job until the
+# job's own time limit, with nothing said. So once the last configured pytest
+# of the process is unconfigured, faulthandler gets _EXIT_LIMIT seconds: then
+# it prints every thread's stack and exits with status 1.
+EXIT_LIMIT_VARIABLE = "SHARED_CORE_TEST_EXIT_LIMIT"  # seconds; 0: no limit
+_EXIT_LIMIT = 120.0
+_configured = 0
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     """End what earlier runs of this checkout left running; tie this run's servers to it."""
+    global _configured
+    _configured += 1
     if not _WATCHED:
         return
     checkout = _checkout(config.rootpath)
@@ -689,6 +703,17 @@ def pytest_sessionstart(session: pytest.Session) -> Iterator[None]:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         write = reporter and (lambda line: reporter.write_line(line, yellow=True, bold=True))
         _report("ended what an earlier test run of this checkout left running", ended, write)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Bound the time the process may take to exit once its last session is over."""
+    global _configured
+    _configured -= 1
+    # Not after a run inside another (its outer session is still configured).
+    limit = float(os.environ.get(EXIT_LIMIT_VARIABLE) or _EXIT_LIMIT)
+    if _configured == 0 and limit > 0 and sys.__stderr__ is not None:
+        faulthandler.dump_traceback_later(limit, exit=True, file=sys.__stderr__)
 
 
 @dataclass(frozen=True)
