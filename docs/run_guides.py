@@ -38,6 +38,8 @@ from shared_core.testing import RedisServer, spawn
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- docs: (run|serve|serve twice) -->\s*\n```sh\n(.*?)```", re.S)
 IGNORED = shutil.ignore_patterns(".tox", ".venv", "__pycache__", "*.egg-info", "results", ".git")
+# Seconds a block may take: the slowest (a venv and pip install) takes about a minute.
+BLOCK_TIMEOUT = 300
 GUIDES = [
     ROOT / "README.md",
     *sorted(ROOT.glob("apps/*/README.md")),
@@ -152,13 +154,19 @@ def run_guide(guide: Path) -> int:
                     cwd_file.unlink()
                     server = Server(served, cwd, env, work / f"block{i}-again.log")
                 continue
-            done = subprocess.run(
-                ["bash", "-e", "-c", f"{script}\npwd > {cwd_file}"],
-                cwd=cwd,
-                env=env,
-                capture_output=True,
-                text=True,
-            )
+            try:
+                done = subprocess.run(
+                    ["bash", "-e", "-c", f"{script}\npwd > {cwd_file}"],
+                    cwd=cwd,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    # Also bounds a block that leaves a process holding its output open.
+                    timeout=BLOCK_TIMEOUT,
+                )
+            except subprocess.TimeoutExpired as exc:
+                late = f"{guide} block {i} still running after {BLOCK_TIMEOUT} s"
+                pytest.fail(f"{late}:\n{exc.output}")
             print(done.stdout[-3000:], end="")
             if done.returncode != 0:
                 print(done.stderr[-3000:], file=sys.stderr)
