@@ -177,8 +177,8 @@ def test_state_survives_a_restart_of_the_whole_deployment(
     first = launch(state_url=url, runtime_dir=runtime_dir)
     hammer(first.url, "/increment", 50, 10)
     assert first.stop() == 0, first.explain("the app server did not stop cleanly")
-    while state_servers(runtime_dir):  # the state server leaves with it, saving
-        time.sleep(0.05)
+    # The state server leaves with it, saving (it waited unbounded here).
+    wait_for(lambda: not state_servers(runtime_dir), 15, "the state server to leave, saving")
     second = launch(state_url=url, runtime_dir=runtime_dir)
     assert httpx.post(f"{second.url}/increment").json()["count"] == 51
 
