@@ -177,8 +177,13 @@ def test_state_survives_a_restart_of_the_whole_deployment(
     first = launch(state_url=url, runtime_dir=runtime_dir)
     hammer(first.url, "/increment", 50, 10)
     assert first.stop() == 0, first.explain("the app server did not stop cleanly")
-    # The state server leaves with it, saving (it waited unbounded here).
-    wait_for(lambda: not state_servers(runtime_dir), 15, "the state server to leave, saving")
+    # The state server leaves with it, saving.
+    try:
+        wait_for(lambda: not state_servers(runtime_dir), 15, "the state server to leave")
+    except AssertionError:
+        logs = "\n".join(f"--- {log} ---\n{log.read_text()[-3000:]}" for log in
+                         runtime_dir.glob("shared_core/*/server.log"))  # fmt: skip
+        raise AssertionError(first.explain(f"{state_servers(runtime_dir)} still running\n{logs}"))
     second = launch(state_url=url, runtime_dir=runtime_dir)
     assert httpx.post(f"{second.url}/increment").json()["count"] == 51
 
