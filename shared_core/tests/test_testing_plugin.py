@@ -94,7 +94,10 @@ def test_spawn_starts_a_marked_registered_session(sleepers: list[Sleeper]) -> No
     run = testing._current_run()
     assert run is not None
     assert os.getsid(proc.pid) == proc.pid
-    assert psutil.Process(proc.pid).environ()[RUN_VARIABLE] == run.marker
+    # Popen returns once exec is under way: until the new program's memory is
+    # set up, /proc/PID/environ reads empty (seen under load).
+    env = wait_for(lambda: psutil.Process(proc.pid).environ(), 5, "sleep's environment")
+    assert env[RUN_VARIABLE] == run.marker
     assert os.environ[RUN_VARIABLE] == run.marker, "pytest's own children get it too"
     assert run.sessions().get(proc.pid) is True
     assert proc.pid in [p.pid for p in testing.run_processes(run.marker)]
