@@ -167,6 +167,18 @@ class Deployment:
         """Live state-server processes started for this deployment."""
         return state_servers(self.runtime_dir)
 
+    def wait_for_state_servers_to_leave(self, timeout: float = 15) -> None:
+        """Wait until no state server of this deployment runs; fail with their logs."""
+        try:
+            wait_for(lambda: not self.state_servers(), timeout, "the state server to leave")
+        except AssertionError:
+            logs = [
+                f"--- {log} ---\n{log.read_text(errors='replace')[-3000:]}"
+                for log in self.runtime_dir.glob("shared_core/*/server.log")
+            ]
+            left = f"{self.state_servers()} still running {timeout:g} s after the app server"
+            raise AssertionError(self.explain("\n".join([left, *logs]))) from None
+
     def stop(self, timeout: float = 20) -> int | None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -83,7 +83,7 @@ def workers(d: Deployment) -> list[psutil.Process]:
 def stop_and_check_clean(d: Deployment) -> None:
     """Scenario 8: after the app server stops, neither it nor a state server remains."""
     d.stop()
-    wait_for(lambda: not state_servers(d.runtime_dir), 15, "the state server to leave")
+    d.wait_for_state_servers_to_leave()
     # spawn() put the app server in a session of its own, its workers with it;
     # a zombie has let go of everything (init reaps it in a moment).
     wait_for(

@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import pytest
 
-from shared_core.testing import wait_for
 from tests.harness import (
     Deployment,
     ExplicitState,
@@ -24,7 +23,6 @@ from tests.harness import (
     final_count,
     hammer,
     sample,
-    state_servers,
 )
 
 LOAD = 1000
@@ -177,13 +175,7 @@ def test_state_survives_a_restart_of_the_whole_deployment(
     first = launch(state_url=url, runtime_dir=runtime_dir)
     hammer(first.url, "/increment", 50, 10)
     assert first.stop() == 0, first.explain("the app server did not stop cleanly")
-    # The state server leaves with it, saving.
-    try:
-        wait_for(lambda: not state_servers(runtime_dir), 15, "the state server to leave")
-    except AssertionError:
-        logs = "\n".join(f"--- {log} ---\n{log.read_text()[-3000:]}" for log in
-                         runtime_dir.glob("shared_core/*/server.log"))  # fmt: skip
-        raise AssertionError(first.explain(f"{state_servers(runtime_dir)} still running\n{logs}"))
+    first.wait_for_state_servers_to_leave()  # it leaves with the app server, saving
     second = launch(state_url=url, runtime_dir=runtime_dir)
     assert httpx.post(f"{second.url}/increment").json()["count"] == 51
 
@@ -202,7 +194,7 @@ def test_sessions_survive_a_restart_of_the_whole_deployment(
         assert [client.get("/session").json()["visits"] for _ in range(3)] == [1, 2, 3]
         cookies = dict(client.cookies)
     assert first.stop() == 0, first.explain("the app server did not stop cleanly")
-    wait_for(lambda: not state_servers(first.runtime_dir), 15, "the state server to leave")
+    first.wait_for_state_servers_to_leave()
     second = launch(state_url=url, state_home=state_home)  # a new, empty runtime directory
     assert second.runtime_dir != first.runtime_dir
     # The cookie of the third visit, shown to several workers of the new deployment.
@@ -294,9 +286,4 @@ def test_no_state_server_outlives_the_app_server(launch: Any, pairing: Pairing) 
     assert len(servers) == (0 if pairing.redis else 1), f"state servers: {servers}"
     d.proc.send_signal(signal.SIGTERM)
     d.proc.wait(30)
-    stopped = time.monotonic()
-    while state_servers(d.runtime_dir):
-        assert time.monotonic() - stopped < 15, d.explain(
-            f"state server {servers} still running after the app server stopped"
-        )
-        time.sleep(0.1)
+    d.wait_for_state_servers_to_leave()

@@ -174,3 +174,17 @@ def test_a_run_that_cannot_exit_is_ended_with_its_stacks(tmp_path: Path, limit: 
     # Both stacks: the main thread waiting for the other at interpreter exit.
     assert text.count("Thread 0x") == 2, text
     assert "in _shutdown" in text, text
+
+
+def test_a_bad_exit_limit_stops_the_run_before_its_tests(tmp_path: Path) -> None:
+    (tmp_path / "test_stuck.py").write_text(STUCK)
+    env = {k: v for k, v in os.environ.items() if k != RUN_VARIABLE}
+    env[testing.EXIT_LIMIT_VARIABLE] = "two"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "shared_core.testing", "-p", "no:cacheprovider",
+         "-q", "test_stuck.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == pytest.ExitCode.USAGE_ERROR, done.stdout + done.stderr
+    assert "SHARED_CORE_TEST_EXIT_LIMIT='two': not a number" in done.stderr
+    assert "passed" not in done.stdout

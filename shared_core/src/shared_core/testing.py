@@ -686,6 +686,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """End what earlier runs of this checkout left running; tie this run's servers to it."""
     global _configured
     _configured += 1
+    _exit_limit()  # a bad setting stops the run before its tests, not after
     if not _WATCHED:
         return
     checkout = _checkout(config.rootpath)
@@ -711,9 +712,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     global _configured
     _configured -= 1
     # Not after a run inside another (its outer session is still configured).
-    limit = float(os.environ.get(EXIT_LIMIT_VARIABLE) or _EXIT_LIMIT)
+    limit = _exit_limit()
     if _configured == 0 and limit > 0 and sys.__stderr__ is not None:
         faulthandler.dump_traceback_later(limit, exit=True, file=sys.__stderr__)
+
+
+def _exit_limit() -> float:
+    setting = os.environ.get(EXIT_LIMIT_VARIABLE) or str(_EXIT_LIMIT)
+    try:
+        return float(setting)
+    except ValueError:
+        raise pytest.UsageError(f"{EXIT_LIMIT_VARIABLE}={setting!r}: not a number") from None
 
 
 @dataclass(frozen=True)
