@@ -1,4 +1,4 @@
-"""Turn the JSON of engines.py and http_load.py into RESULTS.md and PNG plots.
+"""Turn the JSON of engines.py, durability.py and http_load.py into RESULTS.md and PNG plots.
 
 python benchmarks/report.py benchmarks/results
 """
@@ -71,6 +71,64 @@ def scale_table(sc: dict[str, Any]) -> list[str]:
                 f"| {engine} | {int(n):,} | {row['incr_p50_us']:.1f} | "
                 f"{row['get_p50_us']:.1f} | {row['rss_mb']:.0f} |"
             )
+    return lines
+
+
+def durability_ratios(dur: dict[str, Any]) -> list[tuple[str, list[Any], float | None, bool]]:
+    """Each ratio of durability.py: its name, its rows by clients, its target,
+    and whether every row meets it."""
+    labels = {key: c["label"] for key, c in dur["configs"].items()}
+    out = []
+    for ratio in dur["ratios"]:
+        rows = list(ratio["by_clients"].values())
+        target = ratio["target"]
+        ok = target is None or all(row["ratio"] >= target for row in rows)
+        out.append((f"{labels[ratio['num']]} / {labels[ratio['den']]}", rows, target, ok))
+    return out
+
+
+def durability_section(dur: dict[str, Any]) -> list[str]:
+    m, st, fs = dur["machine"], dur["settings"], dur["machine"]["filesystem"]
+    clients = st["clients"]
+    probe = dur["fdatasync"]
+    tp = {dur["configs"][key]["label"]: by_n for key, by_n in dur["throughput"].items()}
+    lines = [
+        "## Durable writes: `incr` throughput by fsync policy (embedded log vs Redis AOF)",
+        "",
+        f"Measured {m['date']} on {m['cpus']} CPUs ({m['cpu']}), {m['platform']}; "
+        f"Python {m['python']}, redis-server {m['redis_server']}, redis-py {m['redis_py']}"
+        f"{' with hiredis' if m['hiredis'] else ' (**no hiredis**)'}. N client processes "
+        "increment one shared key, as the apps' workers do; ops/s of all clients together, "
+        f"median over {st['rounds']} rounds of {st['seconds']} s (the configurations "
+        "interleaved, their order rotated each round), spread min-max; nothing pinned. "
+        "Every server is fresh and keeps its files in one directory, on "
+        f"{fs.get('type', '?')} ({fs.get('device', '?')}), where one writer's `fdatasync` "
+        f"of 64 bytes took {probe['before']['p50_us']:.0f} µs p50, "
+        f"{probe['before']['p99_us']:.0f} µs p99 (after the run: "
+        f"{probe['after']['p50_us']:.0f} and {probe['after']['p99_us']:.0f} µs). Redis is "
+        "driven by redis-py directly. Re-run with `python benchmarks/durability.py`.",
+        "",
+        *throughput_table(tp),
+        "",
+        "| ratio of medians (range of the ratio within a round) | "
+        + " | ".join(f"{n} client{'s' if n > 1 else ''}" for n in clients)
+        + " | target | |",
+        "|---|" + "---|" * len(clients) + "---|---|",
+    ]
+    for name, rows, target, ok in durability_ratios(dur):
+        cells = " | ".join(
+            f"{row['ratio']:.2f}× ({row['round_min']:.2f}-{row['round_max']:.2f})" for row in rows
+        )
+        goal = "" if target is None else f"≥ {target:.2f}×"
+        lines.append(f"| {name} | {cells} | {goal} | {'' if target is None else _check(ok)} |")
+    lines += [
+        "",
+        "`fsync=no` and `everysec` write every entry to the log (`write(2)`) before the "
+        "reply, so the death of the server loses nothing acknowledged; `always` also "
+        "flushes it to the disk (`fdatasync`) first, one flush shared by the writers "
+        "waiting at the time, as Redis's `appendfsync always` does per event-loop turn.",
+        "",
+    ]
     return lines
 
 
@@ -161,6 +219,8 @@ def main() -> None:
     results: dict[str, Any] = {"engines": json.loads((folder / "engines.json").read_text())}
     if (folder / "http.json").exists():
         results["http"] = json.loads((folder / "http.json").read_text())
+    if (folder / "durability.json").exists():
+        results["durability"] = json.loads((folder / "durability.json").read_text())
     eng = results["engines"]
     lat, tp, sc = eng["latency"], eng["throughput"], eng["scale"]
     m, st = eng["machine"], eng["settings"]
@@ -216,6 +276,15 @@ def main() -> None:
             f"| HTTP `/increment` shared ≥ 85% of naive, every pairing | "
             f"{min(ratios):.0%} to {max(ratios):.0%} | {_check(min(ratios) >= 0.85)} |"
         )
+    if "durability" in results:
+        clients = ", ".join(map(str, results["durability"]["settings"]["clients"]))
+        for name, rows, target, ok in durability_ratios(results["durability"]):
+            if target is not None:
+                measured = " / ".join(f"{row['ratio']:.2f}×" for row in rows)
+                lines.append(
+                    f"| durable writes: {name} ≥ {target:.2f}×, at {clients} clients | "
+                    f"{measured} | {_check(ok)} |"
+                )
     lines += ["", "## Latency, one client (µs)", "", *latency_table(lat), ""]
     lines += ["![latency](latency.png)", ""]
     lines += ["## Throughput: `incr` of one key from N client processes", ""]
@@ -235,6 +304,8 @@ def main() -> None:
         "server, whose RSS is therefore cumulative).",
         "",
     ]
+    if "durability" in results:
+        lines += durability_section(results["durability"])
     if "http" in results:
         h = results["http"]
         lines += [

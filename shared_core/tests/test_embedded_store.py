@@ -18,6 +18,7 @@ import pytest
 
 from conftest import server_processes
 from shared_core import CapacityError, ConfigError, SharedState, SnapshotError
+from shared_core._config import data_home
 from shared_core.engines.embedded.store import Store
 from shared_core.testing import kill_and_wait, wait_for
 
@@ -167,7 +168,7 @@ def test_snapshots_keep_ttls_as_deadlines(app: str, runtime_dir: Path) -> None:
     started = time.monotonic()
     state.set("long", 2, ttl=100)
     state.set("forever", 3)
-    path = runtime_dir / "shared_core" / app / "snapshot.json"
+    path = data_home() / app / "snapshot.json"
 
     def snapshot_of_all_three() -> dict[str, Any] | None:
         try:
@@ -178,7 +179,7 @@ def test_snapshots_keep_ttls_as_deadlines(app: str, runtime_dir: Path) -> None:
 
     document = wait_for(snapshot_of_all_three, 10, "a snapshot of the three keys")
     assert document is not None
-    assert document["version"] == 2
+    assert document["version"] == 3
     assert "x" in document["values"]["long"]
     state.close()
     kill_and_wait(server_processes(app))

@@ -12,12 +12,14 @@ import pytest
 
 from conftest import server_processes
 from shared_core import SharedState, StateUnavailable
-from shared_core._config import base_dir
+from shared_core._config import base_dir, data_home
 from shared_core.testing import StateServer, kill_and_wait, wait_for
 
 
 def _snapshot(app: str) -> Path:
-    return base_dir() / app / "snapshot.json"
+    """Where ``persist=1`` keeps a local:// app's snapshot: on disk, not in
+    the runtime directory (often a tmpfs)."""
+    return data_home() / app / "snapshot.json"
 
 
 def test_off_by_default(app: str, manager_url: str) -> None:
@@ -72,8 +74,7 @@ def test_sigkill_loses_at_most_the_writes_since_the_last_snapshot(app: str) -> N
 def test_a_corrupt_or_foreign_snapshot_is_refused_and_kept(
     app: str, content: str, message: str
 ) -> None:
-    os.mkdir(base_dir(), 0o700)
-    os.mkdir(base_dir() / app, 0o700)
+    _snapshot(app).parent.mkdir(mode=0o700, parents=True)
     _snapshot(app).write_text(content)
     with pytest.raises(StateUnavailable, match=message):
         SharedState(f"local://{app}?persist=1").get("n")
@@ -94,3 +95,17 @@ def test_explicit_server_saves_on_sigterm(runtime_dir: Path) -> None:
         assert SharedState(server.start().url).get("k") == "kept"
     finally:
         server.kill()
+
+
+def test_a_snapshot_left_in_the_runtime_directory_is_moved_to_disk(app: str) -> None:
+    """Earlier releases kept local:// snapshots in the runtime directory."""
+    old = base_dir() / app / "snapshot.json"
+    os.mkdir(base_dir(), 0o700)
+    os.mkdir(base_dir() / app, 0o700)
+    old.write_text(
+        '{"format": "shared_core-snapshot", "version": 2, "values": {"n": {"i": 7}}, "secrets": {}}'
+    )
+    with SharedState(f"local://{app}?persist=1") as state:
+        assert state.get("n") == 7
+    assert not old.exists()
+    assert _snapshot(app).exists()

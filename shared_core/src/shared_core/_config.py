@@ -15,7 +15,8 @@ One URL selects everything. The forms are:
 
 Query parameters: ``linger`` (seconds an auto-started server stays without
 clients), ``connect_timeout``, ``op_timeout``, ``allow_remote`` (server only),
-``persist`` and ``snapshot_interval`` (snapshots), ``max_keys`` and
+``persist`` and ``snapshot_interval`` (snapshots), ``fsync`` and ``log_limit``
+(the append-only log, with ``persist``), ``max_keys`` and
 ``eviction`` (a bound on the embedded store), ``data_dir`` (where the embedded
 server keeps the deployment's secrets); for Redis also ``app``,
 ``serializer`` (``json`` or ``pickle``) and ``lock_lease``. Other query
@@ -49,6 +50,8 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_OP_TIMEOUT = 5.0
 DEFAULT_LOCK_LEASE = 30.0
 DEFAULT_SNAPSHOT_INTERVAL = 5.0
+DEFAULT_LOG_LIMIT = 64 * 1024 * 1024  # bytes of log before it is compacted (Redis: 64mb)
+FSYNC_POLICIES = ("always", "everysec", "no")
 SNAPSHOT_NAME = "snapshot.json"
 SECRETS_NAME = "secrets.json"
 EVICTION_POLICIES = ("volatile-lru", "allkeys-lru", "noeviction")
@@ -94,6 +97,10 @@ class Config:
     lock_lease: float = DEFAULT_LOCK_LEASE  # Redis only
     snapshot: Path | None = None  # manager only: where the state is persisted
     snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL
+    # Embedded only, with a snapshot: the append-only log's flush policy
+    # (None: snapshots only) and the size at which it is compacted.
+    fsync: str | None = None
+    log_limit: int = DEFAULT_LOG_LIMIT
     max_keys: int | None = None  # embedded only
     eviction: str = "volatile-lru"  # embedded only, with max_keys
     # Embedded only: where the server keeps what must outlive it (secrets).
@@ -248,6 +255,10 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         raise ConfigError(f"serializer={serializer!r}: use json or pickle")
     snapshot_interval = _float(query, "snapshot_interval", DEFAULT_SNAPSHOT_INTERVAL)
     persist = query.get("persist", [""])[-1]
+    fsync = query.get("fsync", [""])[-1] or None
+    if fsync is not None and fsync not in FSYNC_POLICIES:
+        raise ConfigError(f"fsync={fsync!r}: use one of {', '.join(FSYNC_POLICIES)}")
+    log_limit = _whole(query, "log_limit", DEFAULT_LOG_LIMIT, minimum=1024)
     max_keys = _max_keys(query)
     eviction = query.get("eviction", ["volatile-lru"])[-1]
     if eviction not in EVICTION_POLICIES:
@@ -288,20 +299,6 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         )
     if not _APP_RE.match(name):
         raise ConfigError(f"app name {name!r} must match {_APP_RE.pattern}")
-    snapshot: Path | None = None
-    if persist.startswith("/"):
-        snapshot = Path(persist)
-    elif persist.lower() in ("1", "true", "yes"):
-        if state_dir is None:
-            raise ConfigError(f"{url}: persist=1 needs a private directory; give a path")
-        snapshot = state_dir / SNAPSHOT_NAME
-    elif persist not in ("", "0", "false", "no"):
-        raise ConfigError(f"persist={persist!r}: use 1 or an absolute path")
-    if scheme in REDIS_SCHEMES and (snapshot is not None or max_keys is not None or data_dir_arg):
-        raise ConfigError(
-            "persist=, max_keys= and data_dir= are for the embedded engine; "
-            "Redis has its own persistence and maxmemory settings"
-        )
     data_dir: Path | None = None
     if data_dir_arg:
         data_dir = Path(data_dir_arg)
@@ -309,6 +306,29 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         # An auto-started server leaves with the app server: the deployment's
         # secrets must not leave with it (users would be logged out).
         data_dir = data_home() / name
+    snapshot: Path | None = None
+    if persist.startswith("/"):
+        snapshot = Path(persist)
+    elif persist.lower() in ("1", "true", "yes"):
+        # On disk, beside the secrets: a runtime directory is often a tmpfs
+        # (systemd's /run/user/UID), which a reboot empties.
+        home = data_dir or state_dir
+        if home is None:
+            raise ConfigError(f"{url}: persist=1 needs a private directory; give a path")
+        snapshot = home / SNAPSHOT_NAME
+    elif persist not in ("", "0", "false", "no"):
+        raise ConfigError(f"persist={persist!r}: use 1 or an absolute path")
+    if scheme in REDIS_SCHEMES and (
+        snapshot is not None or max_keys is not None or data_dir_arg or fsync is not None
+    ):
+        raise ConfigError(
+            "persist=, fsync=, max_keys= and data_dir= are for the embedded engine; "
+            "Redis has its own persistence (appendonly, appendfsync) and maxmemory settings"
+        )
+    if fsync is not None and snapshot is None:
+        raise ConfigError(
+            f"fsync={fsync} keeps a log beside the snapshot: add persist=1 (or persist=/path)"
+        )
     if scheme in ("local", "unix") and len(os.fsencode(str(address))) > _MAX_SOCKET_PATH:
         raise ConfigError(f"socket path {address} is too long for a Unix socket")
     return Config(
@@ -326,6 +346,8 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         lock_lease=lock_lease,
         snapshot=snapshot,
         snapshot_interval=snapshot_interval,
+        fsync=fsync,
+        log_limit=log_limit,
         max_keys=max_keys,
         eviction=eviction,
         data_dir=data_dir,
@@ -335,11 +357,17 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
 def _max_keys(query: dict[str, list[str]]) -> int | None:
     if "max_keys" not in query:
         return None
-    raw = query["max_keys"][-1]
+    return _whole(query, "max_keys", 0, minimum=1)
+
+
+def _whole(query: dict[str, list[str]], name: str, default: int, *, minimum: int) -> int:
+    if name not in query:
+        return default
+    raw = query[name][-1]
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(f"max_keys={raw!r} is not a whole number") from None
-    if value < 1:
-        raise ConfigError(f"max_keys must be >= 1, not {raw}")
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, not {raw}")
     return value

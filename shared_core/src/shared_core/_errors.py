@@ -32,3 +32,13 @@ class CapacityError(StateError):
 class SnapshotError(StateError):
     """A file the embedded server keeps (a snapshot, the secrets) exists but
     cannot be used (corrupt, foreign, newer); it is left as it is."""
+
+
+class PersistenceError(StateError):
+    """The embedded server could not write its append-only log (disk full,
+    file too large, I/O error).
+
+    A write refused before it ran changed nothing. A write whose entry could
+    not be written in time is not acknowledged: the server keeps it and writes
+    it when the disk allows, but loses it if it dies first. Reads go on.
+    """

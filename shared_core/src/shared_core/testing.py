@@ -632,12 +632,17 @@ class RedisServer(_Server):
         port: also listen on this TCP port of 127.0.0.1 (0: no TCP).
         durable: keep an append-only file, fsynced on every write, so that
             a SIGKILL loses nothing acknowledged (and a restart keeps it).
+        appendfsync: keep an append-only file flushed by this policy
+            (``always``, ``everysec`` or ``no``); ``durable`` is ``always``.
     """
 
-    def __init__(self, workdir: Path, port: int = 0, durable: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, port: int = 0, durable: bool = False, appendfsync: str | None = None
+    ) -> None:
         self.workdir = workdir
         self.port = port
         self.durable = durable
+        self.appendfsync = appendfsync or ("always" if durable else None)
         self.socket = workdir / "redis.sock"
 
     def start(self) -> RedisServer:
@@ -653,7 +658,8 @@ class RedisServer(_Server):
             [binary, "--port", str(self.port), "--bind", "127.0.0.1",
              "--unixsocket", str(self.socket),
              "--unixsocketperm", "700", "--save", "",
-             "--appendonly", "yes" if self.durable else "no", "--appendfsync", "always",
+             "--appendonly", "no" if self.appendfsync is None else "yes",
+             "--appendfsync", self.appendfsync or "always",
              "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip

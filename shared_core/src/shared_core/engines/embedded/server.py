@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -25,9 +26,10 @@ from traceback import format_exc
 from typing import Any
 
 from ..._config import SECRETS_NAME, Config, ensure_private_dir, is_loopback
-from ..._errors import ConfigError
+from ..._errors import ConfigError, PersistenceError
 from . import snapshot
 from .lifecycle import start_lock
+from .log import AppendLog, Persistence
 from .protocol import ERROR, RETURN, STORE_ID, TRACEBACK
 from .store import Store
 
@@ -38,6 +40,13 @@ _SWEEP_EVERY = 0.1
 _SWEEP_BUDGET = 0.05
 _SWEEP_BATCH = 64
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
+# The store's methods that change what the log keeps (secrets have their own file).
+WRITES = frozenset(
+    {
+        "set", "set_many", "set_if_version", "add", "delete", "delete_many", "incr",
+        "setdefault", "expire", "clear", "mutate_end",
+    }
+)  # fmt: skip
 
 
 class StateServer(managers.Server):
@@ -49,6 +58,7 @@ class StateServer(managers.Server):
         self.stop_event = threading.Event()  # serve_forever() would make it
         self.id_to_obj[STORE_ID] = (store, store.exposed, None)  # type: ignore[assignment]
         self.inode: int | None = None
+        self.log: AppendLog | None = None  # with fsync=: replies wait for it
         if isinstance(address, str):
             self.inode = os.stat(address).st_ino
             # We unlink the socket ourselves, and only while it is still ours.
@@ -75,7 +85,7 @@ class StateServer(managers.Server):
         does not need (object lookups, proxies, fallbacks): same messages,
         fewer steps on every call.
         """
-        store, exposed, stop = self.store, self.store.exposed, self.stop_event
+        store, exposed, stop, log_ = self.store, self.store.exposed, self.stop_event, self.log
         recv, send = conn.recv, conn.send
         store.connected(lambda: _readable(conn))
         try:
@@ -89,11 +99,13 @@ class StateServer(managers.Server):
                 else:
                     if ident != STORE_ID or method not in exposed:
                         msg = (TRACEBACK, f"no method {method!r} on {ident!r}")
-                    else:
+                    elif log_ is None:
                         try:
                             msg = (RETURN, getattr(store, method)(*args, **kwds))
                         except Exception as exc:
                             msg = (ERROR, exc)
+                    else:
+                        msg = _logged_call(store, log_, method, args, kwds)
                 try:
                     send(msg)
                 except Exception:
@@ -104,6 +116,30 @@ class StateServer(managers.Server):
         finally:
             conn.close()
             store.disconnected()
+
+
+def _logged_call(
+    store: Store, log_: AppendLog, method: str, args: Any, kwds: Any
+) -> tuple[str, Any]:
+    """A call whose reply waits until the log holds what it wrote.
+
+    Reads wait too when writes are in flight, so that nobody sees a value
+    the log does not hold yet, unless the log is failing: then reads go on.
+    """
+    write = method in WRITES
+    try:
+        if write and log_.failure is not None:
+            log_.retry()  # PersistenceError: refused, nothing changed
+        result = getattr(store, method)(*args, **kwds)
+        if log_.durable != log_.appended:
+            try:
+                log_.commit()
+            except PersistenceError:
+                if write:
+                    raise
+        return (RETURN, result)
+    except Exception as exc:
+        return (ERROR, exc)
 
 
 def _readable(conn: Connection) -> bool:
@@ -177,7 +213,6 @@ def serve(
         eviction=config.eviction,
         on_secrets=None if secrets_file is None else partial(snapshot.write_secrets, secrets_file),
     )
-    snapshots = _Snapshots(config.snapshot, config.snapshot_interval, store)
     if secrets_file is not None:
         # SnapshotError: refuse to start rather than hand out new secrets.
         store.load_secrets(snapshot.read_secrets(secrets_file))
@@ -189,6 +224,21 @@ def serve(
         if isinstance(config.address, str):
             _remove_stale_socket(config.address)
         server = StateServer(config.address, authkey, store)
+    # Loaded once the address is ours: recovery may cut a torn log's end,
+    # which only the one server of this state may do. Nobody is served yet.
+    try:
+        _adopt_old_snapshot(config)
+        persistence = Persistence(
+            store,
+            config.snapshot,
+            interval=config.snapshot_interval,
+            fsync=config.fsync,
+            log_limit=config.log_limit,
+        )
+    except BaseException:
+        server.close()
+        raise
+    server.log = persistence.log
 
     stop = server.stop_event
 
@@ -205,7 +255,7 @@ def serve(
 
     reason = "stopped"
     while not stop.wait(_TICK):
-        snapshots.tick()
+        persistence.tick()
         reason = _exit_reason(store, linger, watch_pid)
         if not reason:
             continue
@@ -220,7 +270,7 @@ def serve(
                 break
     else:
         server.close()
-    snapshots.save()
+    persistence.close()
     log.info("state server %d exiting: %s", os.getpid(), reason or "stopped")
     return 0
 
@@ -235,6 +285,17 @@ def _secrets_file(config: Config) -> Path | None:
         log.warning("secrets are kept in memory only: %s", exc)
         return None
     return config.data_dir / SECRETS_NAME
+
+
+def _adopt_old_snapshot(config: Config) -> None:
+    """``persist=1`` used to keep ``local://`` snapshots in the runtime
+    directory; they now live on disk beside the secrets. Move an old one."""
+    if config.snapshot is None or config.state_dir is None or config.snapshot.exists():
+        return
+    old = config.state_dir / config.snapshot.name
+    if old != config.snapshot and old.exists():
+        shutil.move(old, config.snapshot)
+        log.info("moved the snapshot %s to %s", old, config.snapshot)
 
 
 def _sweeper(store: Store, stop: threading.Event) -> None:
@@ -278,36 +339,6 @@ def _give_back_memory() -> None:
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
-
-
-class _Snapshots:
-    """Load the snapshot at start; save one every ``interval`` after writes."""
-
-    def __init__(self, path: Path | None, interval: float, store: Store) -> None:
-        self.path, self.interval, self.store = path, interval, store
-        self.saved_version = store.version
-        self.next_save = time.monotonic() + interval
-        if path is None:
-            return
-        loaded = snapshot.read(path)  # SnapshotError: refuse to start, keep the file
-        if loaded is not None:
-            count = store.load(*loaded)
-            log.info("loaded %d keys from %s", count, path)
-
-    def tick(self) -> None:
-        if self.path is not None and time.monotonic() >= self.next_save:
-            self.next_save = time.monotonic() + self.interval
-            try:
-                self.save()
-            except OSError as exc:  # a full disk must not stop the server
-                log.error("could not write the snapshot %s: %s", self.path, exc)
-
-    def save(self) -> None:
-        if self.path is None or self.store.version == self.saved_version:
-            return
-        version, data, deadlines, secrets_ = self.store.dump()
-        snapshot.write(self.path, data, deadlines, secrets_)
-        self.saved_version = version
 
 
 def _exit_reason(store: Store, linger: float | None, watch_pid: int | None) -> str:

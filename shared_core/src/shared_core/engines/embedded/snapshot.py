@@ -7,8 +7,10 @@ never runs code. A file that is not of this format and version is refused
 with :class:`SnapshotError` and left as it is.
 
 Snapshot format 2 keeps each key's deadline as Unix time, so that a key whose
-ttl ran out while the server was down does not come back; format 1 (no ttls)
-is still read.
+ttl ran out while the server was down does not come back; format 3 adds the
+number of the first log segment written after it (``log``), so that recovery
+replays exactly the segments the snapshot does not hold. Formats 1 (no ttls)
+and 2 are still read.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ import base64
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..._errors import SnapshotError
 
 FORMAT = "shared_core-snapshot"
-VERSION = 2
+VERSION = 3
 SECRETS_FORMAT = "shared_core-secrets"
 
 Value = int | bytes
@@ -67,8 +69,21 @@ def _read_json(path: Path, fmt: str, versions: tuple[int, ...]) -> dict[str, Any
     return document
 
 
+class Loaded(NamedTuple):
+    """What a snapshot held."""
+
+    data: dict[str, Value]
+    deadlines: dict[str, float]
+    secrets: dict[str, str]
+    log: int | None  # the first log segment written after it (None: no log then)
+
+
 def write(
-    path: Path, data: dict[str, Value], deadlines: dict[str, float], secrets: dict[str, str]
+    path: Path,
+    data: dict[str, Value],
+    deadlines: dict[str, float],
+    secrets: dict[str, str],
+    log: int | None = None,
 ) -> None:
     """Write a snapshot atomically."""
     values: dict[str, dict[str, Any]] = {}
@@ -79,13 +94,19 @@ def write(
         if key in deadlines:
             entry["x"] = deadlines[key]
         values[key] = entry
-    document = {"format": FORMAT, "version": VERSION, "values": values, "secrets": secrets}
+    document = {
+        "format": FORMAT,
+        "version": VERSION,
+        "values": values,
+        "secrets": secrets,
+        "log": log,
+    }
     write_json(path, document)
 
 
-def read(path: Path) -> tuple[dict[str, Value], dict[str, float], dict[str, str]] | None:
-    """Return the values, deadlines and secrets of a snapshot, None if there is none."""
-    document = _read_json(path, FORMAT, (1, VERSION))
+def read(path: Path) -> Loaded | None:
+    """Return what a snapshot holds, None if there is none."""
+    document = _read_json(path, FORMAT, (1, 2, VERSION))
     if document is None:
         return None
     try:
@@ -96,9 +117,12 @@ def read(path: Path) -> tuple[dict[str, Value], dict[str, float], dict[str, str]
             if "x" in value:
                 deadlines[str(key)] = float(value["x"])
         secrets = {str(k): str(v) for k, v in document["secrets"].items()}
+        log = document.get("log")
+        if log is not None and (type(log) is not int or log < 1):
+            raise ValueError(f"log={log!r}")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SnapshotError(f"{path} is a damaged snapshot ({exc!r}); left as is") from None
-    return data, deadlines, secrets
+    return Loaded(data, deadlines, secrets, log)
 
 
 def write_secrets(path: Path, secrets: dict[str, str]) -> None:

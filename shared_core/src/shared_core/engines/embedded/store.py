@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from ..._errors import CapacityError, LockTimeout
+from . import records
 
 Value = int | bytes
 
@@ -119,6 +120,16 @@ class Store:
         self.clients = 0
         self.idle_since = time.monotonic()
         self.started = time.time()
+        # The append-only log, when there is one: every write method hands it
+        # one entry (the ops it did) before it lets go of the mutex, so the
+        # log's order is the store's order.
+        self._journal: Callable[[bytes], None] | None = None
+        self._ops: list[bytes] = []
+
+    def attach_journal(self, append: Callable[[bytes], None] | None) -> None:
+        """Hand every write's ops to ``append`` from now on (None: stop)."""
+        with self._mutex:
+            self._journal = append
 
     # connections -----------------------------------------------------------
 
@@ -159,7 +170,7 @@ class Store:
             return False
         deadline = self._deadlines.get(key)
         if deadline is not None and deadline <= now:
-            self._remove(key)
+            self._remove(key, logged=False)  # the log has the deadline already
             self.expired += 1
             return False
         if self._lru is not None and key in self._lru:
@@ -182,9 +193,11 @@ class Store:
         if self._lru is not None and (self._lru_all or key in self._deadlines):
             self._lru[key] = None
             self._lru.move_to_end(key)
+        if self._journal is not None:
+            self._ops.append(records.put(key, value, self._deadlines.get(key)))
         return self.version
 
-    def _remove(self, key: str) -> bool:
+    def _remove(self, key: str, logged: bool = True) -> bool:
         if self._data.pop(key, _MISSING) is _MISSING:
             return False
         del self._versions[key]
@@ -192,7 +205,15 @@ class Store:
         if self._lru is not None:
             self._lru.pop(key, None)
         self.version += 1
+        if logged and self._journal is not None:
+            self._ops.append(records.delete(key))
         return True
+
+    def _seal(self) -> None:
+        """Hand the ops of this call to the log as one entry (the mutex is held)."""
+        if self._ops and self._journal is not None:
+            self._journal(b"".join(self._ops))
+        self._ops.clear()
 
     def _set_deadline(self, key: str, deadline: float) -> None:
         old = self._deadlines.get(key)
@@ -249,7 +270,7 @@ class Store:
         self._reclaim(now, 16)
         current = self._buckets.get(_bucket(now), ())
         for key in [k for k in itertools.islice(current, 64) if self._deadlines[k] <= now]:
-            self._remove(key)
+            self._remove(key, logged=False)
             self.expired += 1
         if len(self._data) < (self._max_keys or 0):
             return
@@ -287,7 +308,7 @@ class Store:
             # The clock is read only for keys that have a deadline.
             deadline = self._deadlines.get(key)
             if deadline is not None and deadline <= time.time():
-                self._remove(key)
+                self._remove(key, logged=False)
                 self.expired += 1
                 return None
             if self._lru is not None and key in self._lru:
@@ -308,6 +329,7 @@ class Store:
     def set(self, key: str, value: Value, ttl: float | None = None) -> None:
         with self._mutex:
             self._put(key, value, ttl, time.time())
+            self._seal()
 
     def set_many(self, items: dict[str, Value], ttl: float | None = None) -> None:
         now = time.time()
@@ -317,6 +339,7 @@ class Store:
                 self._check_room(sum(1 for k in items if not self._live(k, now)))
             for key, value in items.items():
                 self._put(key, value, ttl, now)
+            self._seal()
 
     def set_if_version(
         self, key: str, value: Value, version: int | None, ttl: float | None = None
@@ -330,6 +353,7 @@ class Store:
             elif not live or self._versions[key] != version:
                 return False
             self._put(key, value, ttl, now)
+            self._seal()
             return True
 
     def add(self, key: str, value: Value, ttl: float | None = None) -> bool:
@@ -338,16 +362,21 @@ class Store:
             if self._live(key, now):
                 return False
             self._put(key, value, ttl, now)
+            self._seal()
             return True
 
     def delete(self, key: str) -> bool:
         with self._mutex:
-            return self._live(key, time.time()) and self._remove(key)
+            removed = self._live(key, time.time()) and self._remove(key)
+            self._seal()
+            return removed
 
     def delete_many(self, keys: list[str]) -> int:
         now = time.time()
         with self._mutex:
-            return sum(1 for k in keys if self._live(k, now) and self._remove(k))
+            removed = sum(1 for k in keys if self._live(k, now) and self._remove(k))
+            self._seal()
+            return removed
 
     def incr(self, key: str, amount: int, ttl: float | None = None) -> int:
         with self._mutex:
@@ -362,6 +391,8 @@ class Store:
                 self._data[key] = value
                 self.version += 1
                 self._versions[key] = self.version
+                if self._journal is not None:
+                    self._journal(records.put(key, value, None))
                 return value
             now = time.time()
             if self._live(key, now):
@@ -373,6 +404,7 @@ class Store:
             else:
                 value = amount
                 self._put(key, value, ttl, now)
+            self._seal()
         return value
 
     def setdefault(self, key: str, value: Value) -> Value:
@@ -381,6 +413,7 @@ class Store:
             if self._live(key, now):
                 return self._data[key]
             self._put(key, value, None, now)
+            self._seal()
             return value
 
     def expire(self, key: str, ttl: float | None) -> bool:
@@ -394,6 +427,8 @@ class Store:
                 self._set_deadline(key, now + ttl)
             self.version += 1
             self._versions[key] = self.version
+            if self._journal is not None:
+                self._journal(records.expire(key, self._deadlines.get(key)))
             return True
 
     def ttl(self, key: str) -> float | None:
@@ -416,7 +451,10 @@ class Store:
         now = time.time()
         with self._mutex:
             doomed = [k for k in self._data if k.startswith(prefix)]
-            return sum(1 for k in doomed if self._live(k, now) and self._remove(k))
+            removed = sum(1 for k in doomed if self._live(k, now) and self._remove(k, False))
+            if removed and self._journal is not None:
+                self._journal(records.clear(prefix))
+            return removed
 
     # expiry and memory ---------------------------------------------------------
 
@@ -514,6 +552,7 @@ class Store:
                     # The key keeps its ttl, unless it ran out during the block.
                     now = time.time()
                     self._put(key, value, KEEP if self._live(key, now) else None, now)
+                    self._seal()
         self.lock_release(name)
 
     # broadcast ---------------------------------------------------------------
@@ -557,15 +596,47 @@ class Store:
 
     # persistence -------------------------------------------------------------
 
-    def dump(self) -> tuple[int, dict[str, Value], dict[str, float], dict[str, str]]:
+    def dump(
+        self, then: Callable[[], None] | None = None
+    ) -> tuple[int, dict[str, Value], dict[str, float], dict[str, str]]:
         """A consistent copy of the live values, their deadlines and the secrets,
-        with the version it was taken at."""
+        with the version it was taken at; ``then()`` runs before any other
+        write (the log switches segment there)."""
         with self._mutex:
             now = time.time()
             live = [k for k in list(self._data) if self._live(k, now)]
             data = {k: self._data[k] for k in live}
             deadlines = {k: self._deadlines[k] for k in live if k in self._deadlines}
+            if then is not None:
+                then()
             return self.version, data, deadlines, dict(self._secrets)
+
+    def apply(self, ops: list[records.Op]) -> None:
+        """Redo one logged entry (recovery; nothing is logged meanwhile)."""
+        now = time.time()
+        with self._mutex:
+            journal, self._journal = self._journal, None
+            try:
+                for kind, key, value, deadline in ops:
+                    # A deadline already past is kept as it is: a later entry
+                    # may still drop it (expire(key, None)); the key expires
+                    # as any other once replay is done.
+                    if kind == records.PUT:
+                        assert value is not None
+                        self._put(key, value, None if deadline is None else deadline - now, now)
+                    elif kind == records.DELETE:
+                        self._remove(key)
+                    elif kind == records.EXPIRE:
+                        if key in self._data:
+                            if deadline is None:
+                                self._drop_deadline(key)
+                            else:
+                                self._set_deadline(key, deadline)
+                    else:  # CLEAR
+                        for doomed in [k for k in self._data if k.startswith(key)]:
+                            self._remove(doomed)
+            finally:
+                self._journal = journal
 
     def load(
         self, data: dict[str, Value], deadlines: dict[str, float], secrets_: dict[str, str]
