@@ -170,13 +170,15 @@ def test_state_survives_a_restart_of_the_whole_deployment(
 ) -> None:
     # With the embedded engine this needs persist=1; Redis keeps it anyway.
     url = default_state_url(redis_socket) or "local://persisted?persist=1"
-    runtime_dir = tmp_path / "run"
-    runtime_dir.mkdir(mode=0o700)
-    first = launch(state_url=url, runtime_dir=runtime_dir)
+    # persist=1 keeps its files on disk, beside the secrets: the runtime
+    # directory may be emptied meanwhile (systemd does).
+    state_home = tmp_path / "state"
+    state_home.mkdir(mode=0o700)
+    first = launch(state_url=url, state_home=state_home)
     hammer(first.url, "/increment", 50, 10)
     assert first.stop() == 0, first.explain("the app server did not stop cleanly")
     first.wait_for_state_servers_to_leave()  # it leaves with the app server, saving
-    second = launch(state_url=url, runtime_dir=runtime_dir)
+    second = launch(state_url=url, state_home=state_home)  # a new, empty runtime directory
     assert httpx.post(f"{second.url}/increment").json()["count"] == 51
 
 

@@ -381,7 +381,9 @@ def test_damage_in_the_middle_refuses_to_start_and_leaves_the_files(
     content[damaged] ^= 0xFF
     log_file.write_bytes(bytes(content))
     before = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
-    with pytest.raises(RuntimeError):
+    # It listens before it loads (recovery is for the address's owner only),
+    # so start() may see it listening for a moment before it exits.
+    with contextlib.suppress(RuntimeError):
         server.start(timeout=10)
     assert server.proc is not None
     assert server.proc.wait(10) != 0
@@ -422,8 +424,10 @@ def test_segments_without_fsync_are_refused(
     workdir.mkdir(mode=0o700)
     _filled(workdir)
     plain = StateServer(workdir, persist=1)
-    with pytest.raises(RuntimeError):
+    with contextlib.suppress(RuntimeError):
         plain.start(timeout=10)
+    assert plain.proc is not None
+    assert plain.proc.wait(10) != 0
     assert "start with fsync=" in capfd.readouterr().err
 
 

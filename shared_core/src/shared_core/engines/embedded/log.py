@@ -228,11 +228,14 @@ class AppendLog:
         """Return once every entry appended so far is durable (see the class);
         :class:`PersistenceError` if it cannot be written, or not flushed within
         30 s."""
-        target = self.appended
+        if self.failure is not None and self.written < self.appended:
+            raise PersistenceError(f"the log cannot be written: {self.failure}")
+        # The caller's entry was written before its store call returned, so
+        # ``written`` covers it; ``appended`` may count another thread's entry
+        # whose write is under way.
+        target = self.written
         if self.durable >= target:
             return
-        if self.written < target:
-            raise PersistenceError(f"the log cannot be written: {self.failure}")
         lock = self._flush_lock
         if not lock.acquire(False) and not lock.acquire(timeout=_COMMIT_WAIT):
             raise PersistenceError(f"the log could not be flushed within {_COMMIT_WAIT:g}s")

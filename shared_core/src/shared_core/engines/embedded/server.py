@@ -131,7 +131,7 @@ def _logged_call(
         if write and log_.failure is not None:
             log_.retry()  # PersistenceError: refused, nothing changed
         result = getattr(store, method)(*args, **kwds)
-        if log_.durable != log_.appended:
+        if log_.durable != log_.written or log_.failure is not None:
             try:
                 log_.commit()
             except PersistenceError:
