@@ -111,12 +111,30 @@ def launch(
         deployment.stop()
 
 
-@pytest.fixture(scope="module")
+# Starting a deployment costs about 5 s of CPU (4 workers import the app); the
+# tests that need no deployment of their own share these two.
+@pytest.fixture(scope="session")
 def deployment(
     pairing: Pairing, redis_socket: Path | None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Deployment]:
-    """The shared-state app with 4 workers, shared by the tests of a module."""
+    """The shared-state app with 4 workers, shared by the tests of the run."""
     d = start(pairing, tmp_path_factory.mktemp("app"), state_url=default_state_url(redis_socket))
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="session")
+def naive(
+    pairing: Pairing, redis_socket: Path | None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
+    """The app with ``COUNTER_MODE=naive``: module globals and the libraries'
+    per-worker defaults, shared by the tests of the run."""
+    d = start(
+        pairing,
+        tmp_path_factory.mktemp("naive"),
+        state_url=default_state_url(redis_socket),
+        mode="naive",
+    )
     yield d
     d.stop()
 

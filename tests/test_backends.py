@@ -13,33 +13,17 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.harness import Deployment, Pairing, default_state_url, sample, start
+from tests.harness import Deployment, default_state_url, sample
 
 N = 10  # the apps' LIMIT: requests per minute per client address
 CACHE_SECONDS = 30
 AT_MOST = 400  # requests sent at most while waiting for a second worker to answer
-
-
-@pytest.fixture(scope="module")
-def naive(
-    pairing: Pairing, redis_socket: Path | None, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Deployment]:
-    """The app with ``COUNTER_MODE=naive``: the libraries' per-worker defaults."""
-    d = start(
-        pairing,
-        tmp_path_factory.mktemp("naive"),
-        state_url=default_state_url(redis_socket),
-        mode="naive",
-    )
-    yield d
-    d.stop()
 
 
 def burst(d: Deployment, enough: Any) -> tuple[list[tuple[int, Any]], float]:

@@ -14,10 +14,9 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.harness import Deployment
+from tests.harness import Deployment, post
 
 try:
     from selenium import webdriver
@@ -132,7 +131,7 @@ def test_the_page_counts_with_every_worker(deployment: Deployment, open_browser:
     assert f"raised the count to {before + 1}." in text(browser, ".flash")
     assert browser.execute_script("return window.stayed === true"), "not updated in place"
 
-    raised = httpx.post(f"{deployment.url}/increment", timeout=30).json()["count"]  # as curl
+    raised = post(f"{deployment.url}/increment", timeout=30).json()["count"]  # as curl
     assert raised == before + 2, "the page and /increment count apart"
     browser.refresh()
     wait_for_count(browser, raised, "curl -X POST /increment and a reload")

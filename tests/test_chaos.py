@@ -37,7 +37,10 @@ from tests.harness import (
     Outcome,
     Pairing,
     final_count,
+    get,
     hammer,
+    post,
+    send,
     state_servers,
 )
 
@@ -270,16 +273,16 @@ def test_lock_holder_death(launch: Any, pairing: Pairing, explicit_state: Any) -
         url += "&lock_lease=2"
     d = launch(state_url=url)
     holder_request = threading.Thread(
-        target=lambda: _quietly(lambda: httpx.post(f"{d.url}/jobs/report?seconds=30", timeout=60))
+        target=lambda: _quietly(lambda: post(f"{d.url}/jobs/report?seconds=30", timeout=60))
     )
-    previous = httpx.get(f"{d.url}/jobs/report").json()["holder"]
+    previous = get(f"{d.url}/jobs/report").json()["holder"]
     holder_request.start()
     holder = wait_for(
-        lambda: (h := httpx.get(f"{d.url}/jobs/report").json()["holder"]) != previous and h,
+        lambda: (h := get(f"{d.url}/jobs/report").json()["holder"]) != previous and h,
         10,
         "the job to start",
     )
-    busy = httpx.post(f"{d.url}/jobs/report?seconds=0")
+    busy = post(f"{d.url}/jobs/report?seconds=0")
     assert busy.status_code == 409, busy.text
     os.kill(holder, signal.SIGKILL)
     killed = time.monotonic()
@@ -289,7 +292,7 @@ def test_lock_holder_death(launch: Any, pairing: Pairing, explicit_state: Any) -
 
     def job_ran() -> bool:
         try:
-            return httpx.post(f"{d.url}/jobs/report?seconds=0", timeout=10).status_code == 200
+            return post(f"{d.url}/jobs/report?seconds=0", timeout=10).status_code == 200
         except httpx.TransportError:
             return False
 
@@ -340,20 +343,20 @@ MALFORMED = [
 
 def test_bad_input_is_refused_and_changes_nothing(launch: Any, pairing: Pairing) -> None:
     d = launch()
-    before = httpx.get(f"{d.url}/report").json()["count"]
+    before = get(f"{d.url}/report").json()["count"]
     refused = 0
     for method, path in MALFORMED:
-        r = httpx.request(method, d.url + path, timeout=30)
+        r = send(method, d.url + path, timeout=30)
         assert 400 <= r.status_code < 500, f"{method} {path}: {r.status_code} {r.text[:200]}"
         assert r.json()["error"], f"{method} {path}: no error message"
         refused += 1
     # A 10 kB request line: gunicorn refuses it itself (414, its own page);
     # uvicorn and hypercorn hand it to the app, which refuses it (4xx, JSON).
-    long_line = httpx.get(f"{d.url}/increment?key={'k' * 10_000}", timeout=30)
+    long_line = get(f"{d.url}/increment?key={'k' * 10_000}", timeout=30)
     assert 400 <= long_line.status_code < 500, long_line.text[:200]
-    huge = httpx.post(f"{d.url}/increment", content=b"x" * 5_000_000, timeout=30)
+    huge = post(f"{d.url}/increment", content=b"x" * 5_000_000, timeout=30)
     assert huge.status_code == 413
-    assert httpx.get(f"{d.url}/report").json()["count"] == before
+    assert get(f"{d.url}/report").json()["count"] == before
     CHAOS_ROWS.append(
         {
             "scenario": "bad input",
@@ -401,7 +404,7 @@ def test_fastapi_schema_fuzzing(launch: Any, pairing: Pairing, tmp_path: Path) -
 @pytest.mark.only(redis=False)  # Redis has its own ACL, AUTH and TLS
 def test_security_of_the_embedded_state(launch: Any, pairing: Pairing) -> None:
     d = launch()
-    assert httpx.post(f"{d.url}/increment").status_code == 200
+    assert post(f"{d.url}/increment").status_code == 200
     state_dir = d.runtime_dir / "shared_core" / pairing.app_name
     sock = state_dir / "state.sock"
     assert stat.S_IMODE(os.stat(state_dir).st_mode) == 0o700
@@ -424,7 +427,7 @@ def test_security_of_the_embedded_state(launch: Any, pairing: Pairing) -> None:
     assert as_nobody.returncode == 0, f"nobody reached the socket: {as_nobody.stderr}"
     authkey = (state_dir / "authkey").read_text()
     secret = _secret_key(d)
-    report = httpx.get(f"{d.url}/report").text
+    report = get(f"{d.url}/report").text
     logs = d.output() + (state_dir / "server.log").read_text()
     for name, value in (("authkey", authkey), ("SECRET_KEY", secret)):
         assert value not in report, f"the {name} is in /report"

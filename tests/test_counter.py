@@ -6,7 +6,6 @@ Each test talks HTTP to a real app server with several worker processes.
 from __future__ import annotations
 
 import re
-import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,8 +20,11 @@ from tests.harness import (
     Pairing,
     default_state_url,
     final_count,
+    get,
     hammer,
+    post,
     sample,
+    send,
 )
 
 LOAD = 1000
@@ -30,7 +32,7 @@ CLIENTS = 100
 
 
 def reset(d: Deployment, key: str = "counter") -> None:
-    r = httpx.post(f"{d.url}/reset", params={"key": key}, timeout=30)
+    r = post(f"{d.url}/reset", params={"key": key}, timeout=30)
     assert r.status_code == 200, d.explain(f"/reset answered {r.status_code}: {r.text}")
 
 
@@ -51,7 +53,7 @@ def test_concurrent_increments_are_unique_and_exact(deployment: Deployment) -> N
 
 def test_get_increment_works_for_clients_that_send_get(deployment: Deployment) -> None:
     reset(deployment, "cnt")
-    r = httpx.get(f"{deployment.url}/increment", params={"key": "cnt", "by": "5"})
+    r = get(f"{deployment.url}/increment", params={"key": "cnt", "by": "5"})
     assert r.status_code == 200
     assert r.json()["count"] == 5
     assert r.json()["key"] == "cnt"
@@ -59,7 +61,7 @@ def test_get_increment_works_for_clients_that_send_get(deployment: Deployment) -
 
 def test_reset_reaches_every_worker(deployment: Deployment) -> None:
     hammer(deployment.url, "/increment?key=r", 100, 20)
-    r = httpx.get(f"{deployment.url}/reset", params={"key": "r"})
+    r = get(f"{deployment.url}/reset", params={"key": "r"})
     assert r.status_code == 200
     assert r.json()["count"] == 0
     reports = sample(deployment.url, "/report?key=r", 40)
@@ -127,26 +129,26 @@ BAD_REQUESTS = [
 def test_bad_input_is_a_4xx_json_error_and_changes_nothing(
     deployment: Deployment, method: str, path: str
 ) -> None:
-    before = httpx.get(f"{deployment.url}/report").json()["count"]
-    r = httpx.request(method, deployment.url + path, timeout=30)
+    before = get(f"{deployment.url}/report").json()["count"]
+    r = send(method, deployment.url + path, timeout=30)
     assert 400 <= r.status_code < 500, deployment.explain(f"{r.status_code}: {r.text}")
     assert r.headers["content-type"].startswith("application/json")
     assert r.json()["error"]
-    assert httpx.get(f"{deployment.url}/report").json()["count"] == before
+    assert get(f"{deployment.url}/report").json()["count"] == before
 
 
 def test_oversized_body_is_refused_with_413(deployment: Deployment) -> None:
-    before = httpx.get(f"{deployment.url}/report").json()["count"]
-    r = httpx.post(f"{deployment.url}/increment", content=b"x" * 1_000_000, timeout=30)
+    before = get(f"{deployment.url}/report").json()["count"]
+    r = post(f"{deployment.url}/increment", content=b"x" * 1_000_000, timeout=30)
     assert r.status_code == 413, r.text
-    assert httpx.get(f"{deployment.url}/report").json()["count"] == before
+    assert get(f"{deployment.url}/report").json()["count"] == before
 
 
 def test_broadcast_reaches_every_worker(deployment: Deployment) -> None:
     # One request must make every worker act, not only the one that got it.
     before = sample(deployment.url, "/report", 40)
     subscribed = {r["pid"] for r in before}
-    r = httpx.post(f"{deployment.url}/broadcast/reload", timeout=30)
+    r = post(f"{deployment.url}/broadcast/reload", timeout=30)
     assert r.status_code == 200, deployment.explain(r.text)
     generation = r.json()["generation"]
     assert all(b["generation"] < generation for b in before)
@@ -179,15 +181,16 @@ def test_state_survives_a_restart_of_the_whole_deployment(
     assert first.stop() == 0, first.explain("the app server did not stop cleanly")
     first.wait_for_state_servers_to_leave()  # it leaves with the app server, saving
     second = launch(state_url=url, state_home=state_home)  # a new, empty runtime directory
-    assert httpx.post(f"{second.url}/increment").json()["count"] == 51
+    assert post(f"{second.url}/increment").json()["count"] == 51
 
 
-def test_sessions_survive_a_restart_of_the_whole_deployment(
-    launch: Any, redis_socket: Path | None, tmp_path: Path
+def test_sessions_survive_a_restart_and_no_state_server_outlives_the_app_server(
+    launch: Any, pairing: Pairing, redis_socket: Path | None, tmp_path: Path
 ) -> None:
-    """With default settings, a restarted deployment accepts the cookies it
-    issued before: its SECRET_KEY outlives the app server and the state
-    server, even when the runtime directory is emptied (as systemd does)."""
+    """With default settings, the embedded state server leaves with the app
+    server, and the restarted deployment accepts the cookies it issued
+    before: its SECRET_KEY outlives the app server and the state server,
+    even when the runtime directory is emptied (as systemd does)."""
     url = default_state_url(redis_socket)  # the embedded default, or one Redis namespace
     state_home = tmp_path / "state"
     state_home.mkdir(mode=0o700)
@@ -195,7 +198,10 @@ def test_sessions_survive_a_restart_of_the_whole_deployment(
     with httpx.Client(base_url=first.url) as client:
         assert [client.get("/session").json()["visits"] for _ in range(3)] == [1, 2, 3]
         cookies = dict(client.cookies)
-    assert first.stop() == 0, first.explain("the app server did not stop cleanly")
+    # The embedded default starts one; with Redis there is none to start.
+    servers = first.state_servers()
+    assert len(servers) == (0 if pairing.redis else 1), f"state servers: {servers}"
+    assert first.stop() == 0, first.explain("the app server did not stop cleanly")  # SIGTERM
     first.wait_for_state_servers_to_leave()
     second = launch(state_url=url, state_home=state_home)  # a new, empty runtime directory
     assert second.runtime_dir != first.runtime_dir
@@ -207,8 +213,8 @@ def test_sessions_survive_a_restart_of_the_whole_deployment(
     assert len({r["pid"] for r in replies}) >= 2, "all requests went to one worker"
 
 
-def test_naive_mode_shows_the_bug(launch: Any) -> None:
-    d = launch(mode="naive")
+def test_naive_mode_shows_the_bug(naive: Deployment) -> None:
+    d = naive
     outcome = hammer(d.url, "/increment", LOAD, CLIENTS)
     numbers = [body["count"] for body in outcome.ok]
     assert len(outcome.pids) >= 2, f"the load reached only workers {outcome.pids}"
@@ -252,11 +258,11 @@ def test_state_unavailable_is_a_503_then_recovers(
     launch: Any, explicit_state: ExplicitState
 ) -> None:
     d = launch(state_url=explicit_state.url)
-    assert httpx.post(f"{d.url}/increment").json()["count"] == 1
+    assert post(f"{d.url}/increment").json()["count"] == 1
     explicit_state.kill()
     started = time.monotonic()
     for path in ("/increment", "/report", "/healthz"):
-        r = httpx.request("POST" if path == "/increment" else "GET", d.url + path, timeout=30)
+        r = send("POST" if path == "/increment" else "GET", d.url + path, timeout=30)
         assert r.status_code == 503, d.explain(f"{path}: {r.status_code} {r.text}")
         assert "unavailable" in r.json()["error"]
     assert time.monotonic() - started < 10, "503s must come promptly"
@@ -278,14 +284,3 @@ def test_two_app_servers_share_one_state(launch: Any, explicit_state: ExplicitSt
     assert numbers == list(range(1, 201)), "both servers must count on one state"
     for d in (first, second):
         assert {r["count"] for r in sample(d.url, "/report", 10)} == {200}
-
-
-def test_no_state_server_outlives_the_app_server(launch: Any, pairing: Pairing) -> None:
-    d = launch()
-    assert httpx.post(f"{d.url}/increment").status_code == 200
-    servers = d.state_servers()
-    # The embedded default starts one; with Redis there is none to start.
-    assert len(servers) == (0 if pairing.redis else 1), f"state servers: {servers}"
-    d.proc.send_signal(signal.SIGTERM)
-    d.proc.wait(30)
-    d.wait_for_state_servers_to_leave()

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from shared_core.testing import free_port, spawn, wait_for
-from tests.harness import Pairing, hammer
+from tests.harness import Pairing, get, hammer, post
 
 pytestmark = pytest.mark.nginx
 
@@ -80,7 +80,7 @@ def behind_nginx(launch: Any, pairing: Pairing) -> Iterator[str]:
     def answers() -> bool:
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
         try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+            return get(f"{url}/healthz", timeout=2).status_code == 200
         except httpx.TransportError:
             return False
 
@@ -109,15 +109,15 @@ def test_the_app_sees_the_real_client_address(behind_nginx: str) -> None:
 
 def test_core_checks_through_nginx(behind_nginx: str) -> None:
     url = behind_nginx
-    httpx.post(f"{url}/reset")
+    post(f"{url}/reset")
     outcome = hammer(url, "/increment", 1000, 100)
     assert not outcome.errors, outcome.errors[:3]
     assert sorted(body["count"] for body in outcome.ok) == list(range(1, 1001))
     assert len(outcome.pids) >= 2
-    reports = [httpx.get(f"{url}/report").json() for _ in range(40)]
+    reports = [get(f"{url}/report").json() for _ in range(40)]
     assert {r["count"] for r in reports} == {1000}
-    assert httpx.post(f"{url}/reset").json()["count"] == 0
-    assert {httpx.get(f"{url}/report").json()["count"] for _ in range(20)} == {0}
+    assert post(f"{url}/reset").json()["count"] == 0
+    assert {get(f"{url}/report").json()["count"] for _ in range(20)} == {0}
     # A session set through nginx is valid whichever worker nginx picks.
     with httpx.Client(base_url=url, timeout=30) as c:
         visits = [c.get("/session").json() for _ in range(40)]
@@ -128,5 +128,5 @@ def test_core_checks_through_nginx(behind_nginx: str) -> None:
 
 
 def test_an_oversized_body_is_refused_at_the_proxy(behind_nginx: str) -> None:
-    r = httpx.post(f"{behind_nginx}/increment", content=b"x" * 100_000)
+    r = post(f"{behind_nginx}/increment", content=b"x" * 100_000)
     assert r.status_code == 413

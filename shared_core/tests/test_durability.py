@@ -175,6 +175,7 @@ def _value(url: str) -> int:
     return found - 1
 
 
+@pytest.mark.stress
 @pytest.mark.parametrize(("fsync", "kills"), [("always", 20), ("everysec", 10), ("no", 5)])
 def test_sigkill_at_random_moments_loses_nothing_acknowledged(
     app: str, fsync: str, kills: int

@@ -226,6 +226,7 @@ def _add_once(url: str, barrier: Any, out: Any) -> None:
     out.put(state.add("winner", 1, ttl=60))
 
 
+@pytest.mark.stress
 def test_add_from_8_processes_at_once_has_exactly_one_winner(url: str) -> None:
     barrier, out = SPAWN.Barrier(8), SPAWN.Queue()
     procs = [SPAWN.Process(target=_add_once, args=(url, barrier, out)) for _ in range(8)]
@@ -246,6 +247,7 @@ def _cas_increment(url: str, n: int) -> None:
             done += 1
 
 
+@pytest.mark.stress
 def test_set_if_version_from_8_processes_loses_no_update(url: str) -> None:
     procs = [SPAWN.Process(target=_cas_increment, args=(url, 100)) for _ in range(8)]
     for p in procs:

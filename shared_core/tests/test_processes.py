@@ -57,6 +57,7 @@ def _join(procs: list[Any]) -> None:
         assert p.exitcode == 0, f"{p} exited with {p.exitcode}"
 
 
+@pytest.mark.stress
 def test_8_processes_x_2000_incr_is_exactly_16000(url: str) -> None:
     out = SPAWN.Queue()
     procs = [SPAWN.Process(target=_incr_many, args=(url, 2000, out)) for _ in range(8)]
@@ -68,6 +69,7 @@ def test_8_processes_x_2000_incr_is_exactly_16000(url: str) -> None:
     assert SharedState(url).get("n") == 16000
 
 
+@pytest.mark.stress
 def test_8_processes_mutate_one_list_and_lose_nothing(url: str) -> None:
     procs = [SPAWN.Process(target=_append_many, args=(url, tag, 50)) for tag in range(8)]
     for p in procs:
@@ -84,6 +86,7 @@ def steady_url(app: str) -> str:
     return f"local://{app}?linger=10"
 
 
+@pytest.mark.stress
 def test_16_spawned_processes_starting_at_once_make_one_server(app: str, steady_url: str) -> None:
     url = steady_url
     barrier = SPAWN.Barrier(16)
