@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import psutil
 
@@ -384,17 +386,20 @@ def hammer(
     async def run() -> Outcome:
         outcome = Outcome([], [])
         pending = [total]
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
-        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+        # A connection per request (force_close); the timeouts are httpx's
+        # per operation, not per request.
+        connector = aiohttp.TCPConnector(limit=concurrency, force_close=True)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=60, sock_read=60)
+        async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
 
             async def client_loop() -> None:
                 while pending[0] > 0:
                     pending[0] -= 1
                     started = time.monotonic()
                     try:
-                        r = await client.request(method, path)
-                        outcome.replies.append((r.status_code, _json(r)))
-                    except httpx.TransportError as exc:
+                        async with session.request(method, path) as r:
+                            outcome.replies.append((r.status, _json(await r.read())))
+                    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                         outcome.errors.append(repr(exc))
                         if resend_dropped and len(outcome.errors) <= total:
                             pending[0] += 1
@@ -406,11 +411,11 @@ def hammer(
     return asyncio.run(run())
 
 
-def _json(response: httpx.Response) -> Any:
+def _json(body: bytes) -> Any:
     try:
-        return response.json()
+        return json.loads(body)
     except ValueError:
-        return {"text": response.text[:200]}
+        return {"text": body[:200].decode(errors="replace")}
 
 
 def sample(
