@@ -373,6 +373,7 @@ def hammer(
     method: str = "POST",
     *,
     resend_dropped: bool = False,
+    spread: float = 0.0,
 ) -> Outcome:
     """Send ``total`` requests from ``concurrency`` clients at once.
 
@@ -381,16 +382,23 @@ def hammer(
     a request whose connection the server closed without any response (as
     uvicorn and hypercorn do to queued connections of a recycling worker) is
     sent again, up to ``total`` times in all, so that ``total`` get answers.
+    With ``spread``, each client pauses between its requests so that the load
+    lasts about ``spread`` seconds, for servers that act on a timer.
     """
+    pause = spread * concurrency / total if total else 0.0
 
     async def run() -> Outcome:
         outcome = Outcome([], [])
         pending = [total]
-        # A connection per request (force_close); the timeouts are httpx's
-        # per operation, not per request.
+        # A connection per request, which the server closes once it has
+        # answered: a client that resets it first can cut a server's count of
+        # served requests short (gunicorn's asgi worker then never recycles
+        # at --max-requests). The timeouts are httpx's: per operation.
         connector = aiohttp.TCPConnector(limit=concurrency, force_close=True)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=60, sock_read=60)
-        async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
+        async with aiohttp.ClientSession(
+            url, connector=connector, timeout=timeout, headers={"Connection": "close"}
+        ) as session:
 
             async def client_loop() -> None:
                 while pending[0] > 0:
@@ -404,6 +412,8 @@ def hammer(
                         if resend_dropped and len(outcome.errors) <= total:
                             pending[0] += 1
                     outcome.slowest = max(outcome.slowest, time.monotonic() - started)
+                    if pause and pending[0] > 0:
+                        await asyncio.sleep(pause)
 
             await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         return outcome

@@ -167,12 +167,13 @@ def test_worker_sigkill_under_load(
 # 2 -------------------------------------------------------------------------
 
 
-# At 20 requests per worker life, about 125 workers start and stop.
+# At 40 requests per worker life, about 60 workers start and stop.
 STORM = 2500
+LIFE = 40
 
 
 def test_recycling_storm(launch: Any, pairing: Pairing, request: pytest.FixtureRequest) -> None:
-    d = launch(state_url=chaos_url(pairing, request), max_requests=20)
+    d = launch(state_url=chaos_url(pairing, request), max_requests=LIFE)
     outcome = hammer(d.url, "/increment", STORM, CLIENTS, resend_dropped=True)
     counted = final_count(d)
     acked = sorted(b["count"] for b in outcome.ok)
@@ -185,7 +186,7 @@ def test_recycling_storm(launch: Any, pairing: Pairing, request: pytest.FixtureR
     else:
         assert acked == list(range(1, STORM + 1))
         assert counted == STORM
-    faults = f"max-requests 20: {len(outcome.pids)} workers in all"
+    faults = f"max-requests {LIFE}: {len(outcome.pids)} workers in all"
     assert record("recycling storm", pairing, faults, outcome, counted) == 0
     stop_and_check_clean(d)
 
