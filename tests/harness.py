@@ -391,9 +391,7 @@ def hammer(
         outcome = Outcome([], [])
         pending = [total]
         # A connection per request, which the server closes once it has
-        # answered: a client that resets it first can cut a server's count of
-        # served requests short (gunicorn's asgi worker then never recycles
-        # at --max-requests). The timeouts are httpx's: per operation.
+        # answered, as httpx did here. The timeouts are httpx's: per operation.
         connector = aiohttp.TCPConnector(limit=concurrency, force_close=True)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=60, sock_read=60)
         async with aiohttp.ClientSession(
