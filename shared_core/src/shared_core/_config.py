@@ -18,7 +18,8 @@ clients), ``connect_timeout``, ``op_timeout``, ``allow_remote`` (server only),
 ``persist`` and ``snapshot_interval`` (snapshots), ``fsync`` and ``log_limit``
 (the append-only log, with ``persist``), ``max_keys`` and
 ``eviction`` (a bound on the embedded store), ``data_dir`` (where the embedded
-server keeps the deployment's secrets); for Redis also ``app``,
+server keeps the deployment's secrets), ``max_connections`` (per process:
+8 to the embedded server, 50 to Redis); for Redis also ``app``,
 ``serializer`` (``json`` or ``pickle``) and ``lock_lease``. Other query
 parameters of a Redis URL go to redis-py.
 """
@@ -49,6 +50,11 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 # frozen state server gives the app a 503 before its worker is killed.
 DEFAULT_OP_TIMEOUT = 5.0
 DEFAULT_LOCK_LEASE = 30.0
+# Connections one process opens to the embedded state server, whatever its
+# thread count: round trips are short, so a few carry many threads' calls.
+DEFAULT_MAX_CONNECTIONS = 8
+# redis-py's blocking pool: Redis serves connections on an event loop.
+DEFAULT_REDIS_MAX_CONNECTIONS = 50
 DEFAULT_SNAPSHOT_INTERVAL = 5.0
 DEFAULT_LOG_LIMIT = 64 * 1024 * 1024  # bytes of log before it is compacted (Redis: 64mb)
 FSYNC_POLICIES = ("always", "everysec", "no")
@@ -67,6 +73,7 @@ _OURS = {
     "max_keys",
     "eviction",
     "data_dir",
+    "max_connections",
 }
 
 SOCKET_NAME = "state.sock"
@@ -105,6 +112,9 @@ class Config:
     eviction: str = "volatile-lru"  # embedded only, with max_keys
     # Embedded only: where the server keeps what must outlive it (secrets).
     data_dir: Path | None = None
+    # Connections one process opens (None: the engine's default); subscriptions
+    # have their own on top.
+    max_connections: int | None = None
 
     @property
     def is_redis(self) -> bool:
@@ -260,6 +270,7 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         raise ConfigError(f"fsync={fsync!r}: use one of {', '.join(FSYNC_POLICIES)}")
     log_limit = _whole(query, "log_limit", DEFAULT_LOG_LIMIT, minimum=1024)
     max_keys = _max_keys(query)
+    max_connections = _whole(query, "max_connections", 0, minimum=1) or None
     eviction = query.get("eviction", ["volatile-lru"])[-1]
     if eviction not in EVICTION_POLICIES:
         raise ConfigError(f"eviction={eviction!r}: use one of {', '.join(EVICTION_POLICIES)}")
@@ -351,6 +362,7 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         max_keys=max_keys,
         eviction=eviction,
         data_dir=data_dir,
+        max_connections=max_connections,
     )
 
 

@@ -47,7 +47,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from .._backoff import Backoff
 from .._codec import Raw, RedisCodec
-from .._config import Config
+from .._config import DEFAULT_REDIS_MAX_CONNECTIONS, Config
 from .._errors import CapacityError, ConfigError, LockTimeout, StateError, StateUnavailable
 
 try:
@@ -204,7 +204,7 @@ def _pool_kwargs(config: Config) -> dict[str, Any]:
         "retry": Retry(NoBackoff(), 0),
         # Concurrent calls beyond this wait for a free connection (up to
         # connect_timeout) instead of failing; a URL may set max_connections.
-        "max_connections": 50,
+        "max_connections": config.max_connections or DEFAULT_REDIS_MAX_CONNECTIONS,
         "timeout": config.connect_timeout,
     }
 

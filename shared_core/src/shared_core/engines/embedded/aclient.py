@@ -1,9 +1,11 @@
 """The embedded engine's async client; it never blocks the event loop.
 
-Plain calls share one pipelined connection (the server answers each
-connection's requests in order, so replies match requests by position);
-each held lock or ``mutate`` has a connection of its own, because a lock's
-owner is the connection that took it. Connecting runs in a thread, bounded by
+Plain calls of an event loop share one pipelined connection (the server
+answers each connection's requests in order, so replies match requests by
+position); each loop has its own, so one client may serve loops in several
+threads. Each held lock or ``mutate`` has a connection of its own, because a
+lock's owner is the connection that took it: at most ``max_connections`` at
+once per loop, the others wait for one. Connecting runs in a thread, bounded by
 ``connect_timeout``; each reply is due within ``op_timeout``, checked by one
 timer per connection rather than one per call.
 """
@@ -14,12 +16,14 @@ import asyncio
 import os
 import pickle
 import socket
+import threading
 import time
+import weakref
 from collections import deque
 from typing import Any, cast
 
 from ..._codec import PickleCodec, Raw
-from ..._config import Config
+from ..._config import DEFAULT_MAX_CONNECTIONS, Config
 from ..._errors import LockTimeout, StateError, StateUnavailable
 from .client import ENGINES, LOST, lock_slices, mutate_timeout, reply_wait
 from .lifecycle import connect
@@ -97,25 +101,65 @@ class _Pipe(asyncio.Protocol):
             self._transport.abort()
 
 
+class _Pipes:
+    """The connections of one event loop (transports belong to the loop that made them)."""
+
+    __slots__ = ("failed", "main", "opening", "slots", "spare")
+
+    def __init__(self, size: int) -> None:
+        self.main: _Pipe | None = None
+        self.spare: list[_Pipe] = []
+        self.opening = asyncio.Lock()
+        # Connections lent to held locks and mutations (the main one aside).
+        self.slots = asyncio.Semaphore(size)
+        # When the last attempt to open the main pipe failed, and why: callers
+        # that queued behind it fail with it instead of each waiting anew.
+        self.failed: tuple[float, StateUnavailable] | None = None
+
+    def abort(self) -> None:
+        for pipe in [self.main, *self.spare]:
+            if pipe is not None:
+                pipe.abort()
+        self.main, self.spare = None, []
+
+
 class AsyncEmbeddedEngine:
-    """Async client; never blocks the event loop (connecting runs in a thread)."""
+    """Async client; never blocks the event loop (connecting runs in a thread).
+
+    One instance may serve several event loops, each in its own thread: each
+    loop has its own connections, one pipelined for plain calls plus one per
+    held lock or mutation, at most ``max_connections`` of those.
+    """
 
     _SPARE = 8
     codec = PickleCodec()
 
     def __init__(self, config: Config) -> None:
         self._config = config
+        self._size = config.max_connections or DEFAULT_MAX_CONNECTIONS
         self._reset()
         ENGINES.add(self)
 
     def _reset(self) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._main: _Pipe | None = None
-        self._spare: list[_Pipe] = []
-        self._opening: asyncio.Lock | None = None
-        # When the last attempt to open the main pipe failed, and why: callers
-        # that queued behind it fail with it instead of each waiting anew.
-        self._failed: tuple[float, StateUnavailable] | None = None
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pipes] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._by_loop_mutex = threading.Lock()
+        # The loop of the last call and its pipes, read as one tuple: the
+        # common case (one loop) costs no lookup.
+        self._last: tuple[asyncio.AbstractEventLoop, _Pipes] | None = None
+
+    def _pipes(self) -> _Pipes:
+        loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last[0] is loop:
+            return last[1]
+        with self._by_loop_mutex:
+            pipes = self._by_loop.get(loop)
+            if pipes is None:
+                pipes = self._by_loop[loop] = _Pipes(self._size)
+        self._last = (loop, pipes)
+        return pipes
 
     async def _open(self) -> _Pipe:
         loop = asyncio.get_running_loop()
@@ -137,31 +181,25 @@ class AsyncEmbeddedEngine:
             _, pipe = await loop.create_connection(_Pipe, sock=sock)
         return pipe
 
-    async def _main_pipe(self) -> _Pipe:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            # Transports belong to the loop that made them.
-            self._reset()
-            self._loop = loop
-        if self._opening is None:
-            self._opening = asyncio.Lock()
+    async def _main_pipe(self, pipes: _Pipes) -> _Pipe:
         asked = time.monotonic()
-        async with self._opening:
-            if self._main is None or self._main.closed:
-                if self._failed is not None and self._failed[0] >= asked:
-                    raise self._failed[1]
+        async with pipes.opening:
+            if pipes.main is None or pipes.main.closed:
+                if pipes.failed is not None and pipes.failed[0] >= asked:
+                    raise pipes.failed[1]
                 try:
-                    self._main = await self._open()
+                    pipes.main = await self._open()
                 except StateUnavailable as exc:
-                    self._failed = (time.monotonic(), exc)
+                    pipes.failed = (time.monotonic(), exc)
                     raise
-            return self._main
+            return pipes.main
 
     async def call(self, method: str, *args: Any) -> Any:
         """Run ``method(*args)`` on the store: one round trip, pipelined."""
-        pipe = self._main
-        if pipe is None or pipe.closed or self._loop is not asyncio.get_running_loop():
-            pipe = await self._main_pipe()
+        pipes = self._pipes()
+        pipe = pipes.main
+        if pipe is None or pipe.closed:
+            pipe = await self._main_pipe(pipes)
         reply = await pipe.request(request(method, args), self._config.op_timeout)
         return result(reply, method)
 
@@ -226,19 +264,35 @@ class AsyncEmbeddedEngine:
     async def info(self) -> dict[str, Any]:
         return dict(await self.call("info"))
 
-    async def _checkout(self) -> _Pipe:
-        await self._main_pipe()  # binds to this loop
-        while self._spare:
-            pipe = self._spare.pop()
-            if not pipe.closed:
-                return pipe
-        return await self._open()
+    async def _checkout(self, wait: float | None) -> _Pipe | None:
+        """A connection for a lock or a mutation, within this loop's
+        ``max_connections``; None if none was free within ``wait`` seconds."""
+        pipes = self._pipes()
+        if pipes.slots.locked():
+            try:
+                await asyncio.wait_for(pipes.slots.acquire(), wait)
+            except asyncio.TimeoutError:
+                return None
+        else:
+            await pipes.slots.acquire()  # free: no wait (wait_for(..., 0) would time out)
+        try:
+            while pipes.spare:
+                pipe = pipes.spare.pop()
+                if not pipe.closed:
+                    return pipe
+            return await self._open()
+        except BaseException:
+            pipes.slots.release()
+            raise
 
     def _checkin(self, pipe: _Pipe) -> None:
-        if not pipe.closed and len(self._spare) < self._SPARE:
-            self._spare.append(pipe)
+        """Give back what ``_checkout`` lent (a broken or cancelled one is closed)."""
+        pipes = self._pipes()
+        if not pipe.closed and len(pipes.spare) < self._SPARE:
+            pipes.spare.append(pipe)
         else:
             pipe.abort()
+        pipes.slots.release()
 
     async def _pinned(
         self, pipe: _Pipe, method: str, args: tuple[Any, ...], wait: float | None
@@ -251,40 +305,60 @@ class AsyncEmbeddedEngine:
                 pipe.abort()
             raise
 
-    async def lock_acquire(self, name: str, timeout: float | None) -> _Pipe | None:
-        pipe = await self._checkout()
+    async def _hold(
+        self, method: str, name: str, timeout: float | None
+    ) -> tuple[_Pipe, Any] | tuple[None, None]:
+        """Ask for a lock or a mutation in slices, on a connection of its own."""
+        started = time.monotonic()
+        # Waiting for a connection is part of waiting for the lock.
+        pipe = await self._checkout(timeout)
+        if pipe is None:
+            return self._timed_out(method, name, timeout)
+        if timeout is not None:
+            timeout = max(0.0, timeout - (time.monotonic() - started))
         op = self._config.op_timeout
-        for wait in lock_slices(timeout, op):
-            if await self._pinned(pipe, "lock_acquire", (name, wait), reply_wait(wait, op)):
-                return pipe
+        try:
+            for wait in lock_slices(timeout, op):
+                try:
+                    value = await self._pinned(pipe, method, (name, wait), reply_wait(wait, op))
+                except LockTimeout:
+                    continue
+                if method != "lock_acquire" or value:
+                    return pipe, value
+        except BaseException:
+            self._checkin(pipe)
+            raise
         self._checkin(pipe)
-        return None
+        return self._timed_out(method, name, timeout)
+
+    @staticmethod
+    def _timed_out(method: str, name: str, timeout: float | None) -> tuple[None, None]:
+        if method == "lock_acquire":
+            return None, None
+        raise mutate_timeout(name, timeout)
+
+    async def _let_go(self, handle: _Pipe, method: str, args: tuple[Any, ...]) -> None:
+        try:
+            await self._pinned(handle, method, args, self._config.op_timeout)
+        finally:
+            self._checkin(handle)
+
+    async def lock_acquire(self, name: str, timeout: float | None) -> _Pipe | None:
+        pipe, granted = await self._hold("lock_acquire", name, timeout)
+        return pipe if granted else None
 
     async def lock_release(self, handle: _Pipe, name: str) -> None:
-        await self._pinned(handle, "lock_release", (name,), self._config.op_timeout)
-        self._checkin(handle)
+        await self._let_go(handle, "lock_release", (name,))
 
     async def mutate_begin(self, key: str, timeout: float | None) -> tuple[_Pipe, Any]:
-        pipe = await self._checkout()
-        op = self._config.op_timeout
-        for wait in lock_slices(timeout, op):
-            try:
-                value = await self._pinned(pipe, "mutate_begin", (key, wait), reply_wait(wait, op))
-            except LockTimeout:
-                continue
-            except StateError:
-                self._checkin(pipe)
-                raise
-            return pipe, value
-        self._checkin(pipe)
-        raise mutate_timeout(key, timeout)
+        pipe, value = await self._hold("mutate_begin", key, timeout)
+        assert pipe is not None  # a mutation that timed out raised
+        return pipe, value
 
     async def mutate_end(self, handle: _Pipe, key: str, value: Any, commit: bool) -> None:
-        await self._pinned(handle, "mutate_end", (key, value, commit), self._config.op_timeout)
-        self._checkin(handle)
+        await self._let_go(handle, "mutate_end", (key, value, commit))
 
     async def subscribe(self, channels: list[str]) -> _Pipe:
-        await self._main_pipe()  # binds to this loop
         pipe = await self._open()
         await self._pinned(pipe, "subscribe", (channels,), self._config.op_timeout)
         return pipe
@@ -297,10 +371,16 @@ class AsyncEmbeddedEngine:
         handle.abort()
 
     async def aclose(self) -> None:
-        for pipe in [self._main, *self._spare]:
-            if pipe is not None:
-                pipe.abort()
-        self._reset()
+        """Close this event loop's connections (each loop closes its own, since
+        transports belong to their loop); the next call opens new ones."""
+        loop = asyncio.get_running_loop()
+        with self._by_loop_mutex:
+            pipes = self._by_loop.pop(loop, None)
+            last = self._last
+            if last is not None and last[0] is loop:
+                self._last = None
+        if pipes is not None:
+            pipes.abort()
 
     def _after_fork(self) -> None:
         self._reset()

@@ -2,8 +2,10 @@
 
 It speaks the protocol of ``protocol.py`` to the store the server registers
 at a fixed id, with no proxies in between (a proxy made before a fork shares
-its socket with the child; CPython issue 101320). One connection per thread,
-forgotten in a forked child. Every wait has a deadline: ``connect_timeout``
+its socket with the child; CPython issue 101320). The threads of a process
+share a pool of at most ``max_connections`` connections (the server runs a
+thread per connection, and a round trip is too short for more to help), which
+a forked child forgets. Every wait has a deadline: ``connect_timeout``
 to connect, ``op_timeout`` for each reply (a lock's wait is cut into slices
 of at most ``op_timeout``, so a frozen server is noticed there too).
 """
@@ -21,7 +23,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from ..._codec import PickleCodec, Raw
-from ..._config import Config
+from ..._config import DEFAULT_MAX_CONNECTIONS, Config
 from ..._errors import LockTimeout, StateUnavailable
 from .lifecycle import connect
 from .protocol import request, result, set_timeouts
@@ -55,80 +57,172 @@ def mutate_timeout(key: str, timeout: float | None) -> LockTimeout:
     return LockTimeout(f"mutate({key!r}): another mutation held it for {timeout}s")
 
 
+class _Link:
+    """One connection of the pool, and its poller (to see a hang-up before use)."""
+
+    __slots__ = ("__weakref__", "conn", "poller")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.poller = select.poll()
+        self.poller.register(conn.fileno(), select.POLLIN)
+
+    def stale(self) -> bool:
+        # Readable before we asked anything: the server closed it (it died or
+        # restarted), so a request sent on it now would be lost.
+        return bool(self.poller.poll(0))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.close()
+
+
+class _Pool:
+    """At most ``size`` connections, lent to one thread at a time.
+
+    A plain call borrows one for its round trip; a held lock or mutation
+    keeps its own until released (the server ties them to the connection).
+    The most recently returned connection is lent first, so a quiet process
+    keeps using few of them.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self.size = config.max_connections or DEFAULT_MAX_CONNECTIONS
+        self._idle: list[_Link] = []
+        self.open = 0  # idle and lent
+        self._cond = threading.Condition(threading.Lock())
+        self._all: weakref.WeakSet[_Link] = weakref.WeakSet()
+
+    def take(self, wait: float | None) -> _Link | None:
+        """An idle connection, a new one, or one given back within ``wait`` seconds
+        (None: however long it takes); None if none was."""
+        deadline = None if wait is None else time.monotonic() + wait
+        with self._cond:
+            while True:
+                while self._idle:
+                    link = self._idle.pop()
+                    if not link.stale():
+                        return link
+                    link.close()
+                    self.open -= 1
+                if self.open < self.size:
+                    self.open += 1
+                    break
+                if deadline is None:
+                    self._cond.wait()
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+        try:
+            link = _Link(connect(self._config))
+        except BaseException:
+            self.discard(None)
+            raise
+        self._all.add(link)
+        return link
+
+    def busy(self) -> StateUnavailable:
+        wait = self._config.connect_timeout
+        return StateUnavailable(
+            f"all {self.size} connections of this process to the state server stayed "
+            f"busy for connect_timeout={wait:g}s (raise max_connections= in the state URL?)"
+        )
+
+    def give(self, link: _Link) -> None:
+        with self._cond:
+            self._idle.append(link)
+            self._cond.notify()
+
+    def discard(self, link: _Link | None) -> None:
+        """Close a connection that may be broken, or give up a slot never filled."""
+        if link is not None:
+            link.close()
+        with self._cond:
+            self.open -= 1
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            idle, self._idle = self._idle, []
+            self.open -= len(idle)
+        for link in idle:
+            link.close()
+
+    def forget(self) -> None:
+        """In a forked child: close this process's copies of the parent's sockets."""
+        for link in list(self._all):
+            link.close()
+
+
 class EmbeddedEngine:
-    """Sync client; safe to share between threads and across fork."""
+    """Sync client; safe to share between threads and across fork.
+
+    A process opens at most ``max_connections`` connections however many
+    threads it runs (see :class:`_Pool`), plus one per subscription.
+    """
 
     codec = PickleCodec()
 
     def __init__(self, config: Config) -> None:
         self._config = config
+        self._pool = _Pool(config)
+        # The connection this thread's held locks and mutations live on, and
+        # how many it holds: its other calls go there too, so a thread that
+        # holds a lock never waits for a connection another thread holds.
         self._local = threading.local()
-        self._conns: weakref.WeakSet[Connection] = weakref.WeakSet()
         ENGINES.add(self)
 
-    def _connection(self) -> Connection:
-        local = self._local
-        conn: Connection | None = getattr(local, "conn", None)
-        if conn is not None:
-            if not local.poller.poll(0):
-                return conn
-            # Readable before we asked anything: the server closed it (it
-            # died or restarted), so a request sent now would be lost.
-            self._drop(conn)
-        conn = connect(self._config)
-        poller = select.poll()
-        poller.register(conn.fileno(), select.POLLIN)
-        local.conn, local.poller = conn, poller
-        self._conns.add(conn)
-        return conn
+    def _pinned(self) -> _Link | None:
+        return getattr(self._local, "link", None)
 
-    def _drop(self, conn: Connection) -> None:
-        if getattr(self._local, "conn", None) is conn:
-            del self._local.conn
-        self._conns.discard(conn)
-        with contextlib.suppress(OSError):
-            conn.close()
-
-    def _send(self, request: tuple[Any, ...]) -> Connection:
-        conn = self._connection()
+    def _send(self, request: tuple[Any, ...], link: _Link | None = None) -> _Link:
+        """Send ``request`` on a borrowed connection (``link``, or one taken
+        within ``connect_timeout``) and return it."""
+        if link is None:
+            link = self._pool.take(self._config.connect_timeout)
+            if link is None:
+                raise self._pool.busy()
         try:
-            conn.send(request)
+            link.conn.send(request)
         except BlockingIOError as exc:
             # The server stopped reading (frozen): it has at most part of it.
-            self._drop(conn)
+            self._pool.discard(link)
             raise StateUnavailable("the state server did not take the request in time") from exc
         except OSError:
             # The server never read it (it is gone): resend on a new connection.
-            self._drop(conn)
-            conn = self._connection()
+            self._pool.discard(link)
+            link = self._pool.take(self._config.connect_timeout)
+            if link is None:
+                raise self._pool.busy() from None
             try:
-                conn.send(request)
+                link.conn.send(request)
             except OSError as exc:
-                self._drop(conn)
+                self._pool.discard(link)
                 raise StateUnavailable(f"{LOST}: {exc}") from exc
-        return conn
+        return link
 
-    def _reply(self, conn: Connection, method: str) -> Any:
+    def _reply(self, link: _Link, method: str) -> Any:
+        """The reply's content; the connection is discarded if it broke."""
         try:
-            reply = conn.recv()
+            return link.conn.recv()
         except (OSError, EOFError) as exc:
-            self._drop(conn)
+            self._pool.discard(link)
             if isinstance(exc, BlockingIOError):
                 raise StateUnavailable(f"no reply to {method} in time") from exc
             raise StateUnavailable(f"{LOST} during {method}: {exc!r}") from exc
-        return result(reply, method)
-
-    def _reply_within(self, conn: Connection, method: str, wait: float) -> Any:
-        """Wait ``wait`` seconds for a reply (a lock slice and more), not ``op_timeout``."""
-        set_timeouts(conn.fileno(), wait)
-        value = self._reply(conn, method)
-        set_timeouts(conn.fileno(), self._config.op_timeout)
-        return value
 
     def call(self, method: str, *args: Any) -> Any:
         """Run ``method(*args)`` on the store: one round trip."""
-        conn = self._send(request(method, args))
-        return self._reply(conn, method)
+        pinned = self._pinned()
+        if pinned is not None:
+            return self._call_on(pinned, method, *args)
+        link = self._send(request(method, args))
+        reply = self._reply(link, method)
+        self._pool.give(link)
+        return result(reply, method)
 
     # One method per operation, as the Engine protocol has them.
 
@@ -191,42 +285,101 @@ class EmbeddedEngine:
 
     # Locks and mutations are owned by the connection that took them.
 
-    def _call_on(self, handle: Connection, method: str, *args: Any) -> Any:
-        if getattr(self._local, "conn", None) is not handle:
+    def _call_on(self, handle: _Link, method: str, *args: Any, wait: float | None = None) -> Any:
+        """A call on the connection of this thread's locks; ``wait``: its reply's bound."""
+        if self._pinned() is not handle:
             raise StateUnavailable(f"{LOST} while a lock was held; it was released")
+        conn = handle.conn
         try:
-            handle.send(request(method, args))
-        except OSError as exc:
-            self._drop(handle)
-            raise StateUnavailable(f"{LOST} while a lock was held: {exc}") from exc
-        return self._reply(handle, method)
+            conn.send(request(method, args))
+            if wait is None:
+                reply = conn.recv()
+            else:
+                set_timeouts(conn.fileno(), wait)
+                reply = conn.recv()
+                set_timeouts(conn.fileno(), self._config.op_timeout)
+        except (OSError, EOFError) as exc:
+            # The server frees every lock of a connection that ends.
+            self._unpin(broken=True)
+            why = "no reply in time" if isinstance(exc, BlockingIOError) else repr(exc)
+            raise StateUnavailable(f"{LOST} while a lock was held ({method}: {why})") from exc
+        return result(reply, method)
 
-    def lock_acquire(self, name: str, timeout: float | None) -> Connection | None:
+    def _hold(self, method: str, name: str, timeout: float | None) -> tuple[_Link, Any] | None:
+        """Ask for a lock (or a mutation) in slices; once granted, pin its connection."""
         op = self._config.op_timeout
+        pinned = self._pinned()
+        deadline = None if timeout is None else time.monotonic() + timeout
         for wait in lock_slices(timeout, op):
-            conn = self._send(request("lock_acquire", (name, wait)))
-            if self._reply_within(conn, "lock_acquire", reply_wait(wait, op)):
-                return conn
+            bound = reply_wait(wait, op)
+            if pinned is not None:
+                # Its other locks live on this connection: so does this one.
+                link = pinned
+                try:
+                    value = self._call_on(link, method, name, wait, wait=bound)
+                except LockTimeout:
+                    continue
+            else:
+                # Waiting for a connection is part of waiting for the lock.
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                borrowed = self._pool.take(left)
+                if borrowed is None:
+                    return None
+                link = self._send(request(method, (name, wait)), borrowed)
+                set_timeouts(link.conn.fileno(), bound)
+                reply = self._reply(link, method)
+                set_timeouts(link.conn.fileno(), op)
+                try:
+                    value = result(reply, method)
+                except BaseException as exc:
+                    self._pool.give(link)
+                    if isinstance(exc, LockTimeout):
+                        continue
+                    raise
+            if method == "lock_acquire" and not value:
+                if pinned is None:
+                    self._pool.give(link)
+                continue
+            self._local.link = link
+            self._local.holds = getattr(self._local, "holds", 0) + 1
+            return link, value
         return None
 
-    def lock_release(self, handle: Connection, name: str) -> None:
+    def _unpin(self, *, broken: bool = False) -> None:
+        link = self._pinned()
+        if link is None:
+            return
+        self._local.holds -= 1
+        if broken:
+            # Every lock on it is gone with it (the server frees them).
+            self._local.holds = 0
+        if self._local.holds == 0:
+            del self._local.link
+            if broken:
+                self._pool.discard(link)
+            else:
+                self._pool.give(link)
+
+    def lock_acquire(self, name: str, timeout: float | None) -> _Link | None:
+        held = self._hold("lock_acquire", name, timeout)
+        return None if held is None else held[0]
+
+    def lock_release(self, handle: _Link, name: str) -> None:
         self._call_on(handle, "lock_release", name)
+        self._unpin()
 
-    def mutate_begin(self, key: str, timeout: float | None) -> tuple[Connection, Any]:
-        op = self._config.op_timeout
-        for wait in lock_slices(timeout, op):
-            conn = self._send(request("mutate_begin", (key, wait)))
-            try:
-                return conn, self._reply_within(conn, "mutate_begin", reply_wait(wait, op))
-            except LockTimeout:
-                continue
-        raise mutate_timeout(key, timeout)
+    def mutate_begin(self, key: str, timeout: float | None) -> tuple[_Link, Any]:
+        held = self._hold("mutate_begin", key, timeout)
+        if held is None:
+            raise mutate_timeout(key, timeout)
+        return held
 
-    def mutate_end(self, handle: Connection, key: str, value: Any, commit: bool) -> None:
+    def mutate_end(self, handle: _Link, key: str, value: Any, commit: bool) -> None:
         self._call_on(handle, "mutate_end", key, value, commit)
+        self._unpin()
 
-    # Broadcast: a subscriber has a connection of its own, since receive()
-    # waits on the server for messages.
+    # Broadcast: a subscriber has a connection of its own, outside the pool,
+    # since receive() waits on the server for messages.
 
     def subscribe(self, channels: list[str]) -> Connection:
         conn = connect(self._config)
@@ -252,16 +405,13 @@ class EmbeddedEngine:
         handle.close()
 
     def close(self) -> None:
-        for conn in list(self._conns):
-            self._drop(conn)
-        self._local = threading.local()
+        self._pool.close()
 
     def _after_fork(self) -> None:
-        # Close only this process's copies of the parent's sockets.
-        for conn in list(self._conns):
-            with contextlib.suppress(OSError):
-                conn.close()
-        self._conns = weakref.WeakSet()
+        # Close only this process's copies of the parent's sockets; a lock
+        # the parent held stays the parent's.
+        self._pool.forget()
+        self._pool = _Pool(self._config)
         self._local = threading.local()
 
 
