@@ -83,39 +83,58 @@ class _Pool:
     A plain call borrows one for its round trip; a held lock or mutation
     keeps its own until released (the server ties them to the connection).
     The most recently returned connection is lent first, so a quiet process
-    keeps using few of them.
+    keeps using few of them; a new one is opened only when none is idle.
     """
 
     def __init__(self, config: Config) -> None:
         self._config = config
         self.size = config.max_connections or DEFAULT_MAX_CONNECTIONS
+        # Idle connections. list.pop() and list.append() are atomic, so lending
+        # and giving back take no lock; only a thread that finds none does.
         self._idle: list[_Link] = []
-        self.open = 0  # idle and lent
+        self.open = 0  # idle and lent; changed under _cond
+        self._waiting = 0  # threads in the slow path of take(); changed under _cond
         self._cond = threading.Condition(threading.Lock())
         self._all: weakref.WeakSet[_Link] = weakref.WeakSet()
 
     def take(self, wait: float | None) -> _Link | None:
         """An idle connection, a new one, or one given back within ``wait`` seconds
         (None: however long it takes); None if none was."""
+        try:
+            link = self._idle.pop()
+        except IndexError:
+            return self._take_slowly(wait)
+        if not link.stale():
+            return link
+        self.discard(link)
+        return self._take_slowly(wait)
+
+    def _take_slowly(self, wait: float | None) -> _Link | None:
         deadline = None if wait is None else time.monotonic() + wait
         with self._cond:
-            while True:
-                while self._idle:
-                    link = self._idle.pop()
-                    if not link.stale():
-                        return link
-                    link.close()
-                    self.open -= 1
-                if self.open < self.size:
-                    self.open += 1
-                    break
-                if deadline is None:
-                    self._cond.wait()
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self._cond.wait(remaining)
+            # Counted before looking, so that give() either put its connection
+            # where we look next or sees us waiting and wakes us.
+            self._waiting += 1
+            try:
+                while True:
+                    while self._idle:
+                        link = self._idle.pop()
+                        if not link.stale():
+                            return link
+                        link.close()
+                        self.open -= 1
+                    if self.open < self.size:
+                        self.open += 1
+                        break
+                    if deadline is None:
+                        self._cond.wait()
+                        continue
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    self._cond.wait(remaining)
+            finally:
+                self._waiting -= 1
         try:
             link = _Link(connect(self._config))
         except BaseException:
@@ -132,9 +151,10 @@ class _Pool:
         )
 
     def give(self, link: _Link) -> None:
-        with self._cond:
-            self._idle.append(link)
-            self._cond.notify()
+        self._idle.append(link)
+        if self._waiting:
+            with self._cond:
+                self._cond.notify()
 
     def discard(self, link: _Link | None) -> None:
         """Close a connection that may be broken, or give up a slot never filled."""
@@ -146,10 +166,9 @@ class _Pool:
 
     def close(self) -> None:
         with self._cond:
-            idle, self._idle = self._idle, []
-            self.open -= len(idle)
-        for link in idle:
-            link.close()
+            while self._idle:
+                self._idle.pop().close()
+                self.open -= 1
 
     def forget(self) -> None:
         """In a forked child: close this process's copies of the parent's sockets."""
