@@ -18,6 +18,7 @@ import select
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
@@ -77,6 +78,17 @@ class _Link:
             self.conn.close()
 
 
+class _Waiter:
+    """A thread waiting for a connection: it is handed one, in turn."""
+
+    __slots__ = ("link", "ready")
+
+    def __init__(self) -> None:
+        self.link: _Link | None = None  # None when handed a free slot instead
+        self.ready = threading.Lock()
+        self.ready.acquire()
+
+
 class _Pool:
     """At most ``size`` connections, lent to one thread at a time.
 
@@ -84,57 +96,70 @@ class _Pool:
     keeps its own until released (the server ties them to the connection).
     The most recently returned connection is lent first, so a quiet process
     keeps using few of them; a new one is opened only when none is idle.
+    Threads that find none wait in line and are handed one in turn, so none
+    waits longer than its share however many threads there are.
     """
 
     def __init__(self, config: Config) -> None:
         self._config = config
         self.size = config.max_connections or DEFAULT_MAX_CONNECTIONS
         # Idle connections. list.pop() and list.append() are atomic, so lending
-        # and giving back take no lock; only a thread that finds none does.
+        # and giving back take no lock while nobody waits.
         self._idle: list[_Link] = []
-        self.open = 0  # idle and lent; changed under _cond
-        self._waiting = 0  # threads in the slow path of take(); changed under _cond
-        self._cond = threading.Condition(threading.Lock())
+        self._waiters: deque[_Waiter] = deque()  # under _mutex
+        self.open = 0  # idle and lent; under _mutex
+        self._mutex = threading.Lock()
         self._all: weakref.WeakSet[_Link] = weakref.WeakSet()
 
     def take(self, wait: float | None) -> _Link | None:
         """An idle connection, a new one, or one given back within ``wait`` seconds
         (None: however long it takes); None if none was."""
-        try:
-            link = self._idle.pop()
-        except IndexError:
-            return self._take_slowly(wait)
-        if not link.stale():
-            return link
-        self.discard(link)
-        return self._take_slowly(wait)
-
-    def _take_slowly(self, wait: float | None) -> _Link | None:
-        deadline = None if wait is None else time.monotonic() + wait
-        with self._cond:
-            # Counted before looking, so that give() either put its connection
-            # where we look next or sees us waiting and wakes us.
-            self._waiting += 1
+        if not self._waiters:  # else: behind them
             try:
-                while True:
-                    while self._idle:
-                        link = self._idle.pop()
-                        if not link.stale():
-                            return link
-                        link.close()
-                        self.open -= 1
-                    if self.open < self.size:
-                        self.open += 1
-                        break
-                    if deadline is None:
-                        self._cond.wait()
-                        continue
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return None
-                    self._cond.wait(remaining)
-            finally:
-                self._waiting -= 1
+                link = self._idle.pop()
+            except IndexError:
+                pass
+            else:
+                if not link.stale():
+                    return link
+                self.discard(link)
+        return self._take_in_turn(wait)
+
+    def _take_in_turn(self, wait: float | None) -> _Link | None:
+        with self._mutex:
+            while self._idle and not self._waiters:
+                link = self._idle.pop()
+                if not link.stale():
+                    return link
+                link.close()
+                self.open -= 1
+            if self.open < self.size and not self._waiters:
+                self.open += 1
+                waiter = None
+            else:
+                waiter = _Waiter()
+                # In line first, then served from what is idle: a give() that
+                # came just before either left its connection there or saw us.
+                self._waiters.append(waiter)
+                self._hand_over()
+        if waiter is None:
+            return self._open()  # connecting takes time: not under the mutex
+        if not waiter.ready.acquire(timeout=-1 if wait is None else wait):
+            with self._mutex:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                    return None
+            # Served between the timeout and the mutex: take it.
+        if waiter.link is None:
+            return self._open()
+        if waiter.link.stale():
+            waiter.link.close()
+            self._all.discard(waiter.link)
+            return self._open()
+        return waiter.link
+
+    def _open(self) -> _Link:
+        """Connect, in a slot already counted in ``open``."""
         try:
             link = _Link(connect(self._config))
         except BaseException:
@@ -142,6 +167,13 @@ class _Pool:
             raise
         self._all.add(link)
         return link
+
+    def _hand_over(self) -> None:
+        # Under _mutex: the first in line get the idle connections.
+        while self._waiters and self._idle:
+            waiter = self._waiters.popleft()
+            waiter.link = self._idle.pop()
+            waiter.ready.release()
 
     def busy(self) -> StateUnavailable:
         wait = self._config.connect_timeout
@@ -152,20 +184,25 @@ class _Pool:
 
     def give(self, link: _Link) -> None:
         self._idle.append(link)
-        if self._waiting:
-            with self._cond:
-                self._cond.notify()
+        if self._waiters:
+            with self._mutex:
+                self._hand_over()
 
     def discard(self, link: _Link | None) -> None:
         """Close a connection that may be broken, or give up a slot never filled."""
         if link is not None:
             link.close()
-        with self._cond:
-            self.open -= 1
-            self._cond.notify()
+        with self._mutex:
+            if self._waiters:
+                # The slot goes to the first in line, who connects anew.
+                waiter = self._waiters.popleft()
+                waiter.link = None
+                waiter.ready.release()
+            else:
+                self.open -= 1
 
     def close(self) -> None:
-        with self._cond:
+        with self._mutex:
             while self._idle:
                 self._idle.pop().close()
                 self.open -= 1
