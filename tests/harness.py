@@ -16,8 +16,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,17 +38,20 @@ APPS = {
     "fastapi": ("fastapi_counter", "fastapi_counter.main:app"),
 }
 FRAMEWORKS = {"flask": "Flask", "quart": "Quart", "fastapi": "FastAPI"}
-SERVERS = ("gunicorn", "hypercorn", "uvicorn")
+SERVERS = ("gunicorn", "hypercorn", "uvicorn", "granian")
 # gunicorn's worker class per factor; without one, what the app's gunicorn.conf.py says.
 GUNICORN_WORKERS = {"gthread": ["-k", "gthread", "--threads", "4"], "asgi": ["-k", "asgi"]}
 WORKERS = 4
 START_TIMEOUT = 60.0
 
 PAIRINGS = [
-    "flask-gunicorn", "flask-gunicorn-gthread", "flask-hypercorn",
+    "flask-gunicorn", "flask-gunicorn-gthread", "flask-hypercorn", "flask-granian",
     "quart-hypercorn", "quart-uvicorn", "quart-gunicorn", "quart-gunicorn-asgi",
+    "quart-granian",
     "fastapi-uvicorn", "fastapi-hypercorn", "fastapi-gunicorn", "fastapi-gunicorn-asgi",
+    "fastapi-granian",
     "flask-gunicorn-redis", "quart-hypercorn-redis", "fastapi-uvicorn-redis",
+    "fastapi-granian-redis",
 ]  # fmt: skip
 
 
@@ -110,9 +115,17 @@ class Pairing:
             return "gunicorn + `uvicorn_worker.UvicornWorker`"
         if self.server == "uvicorn":
             return "uvicorn `--workers`"
+        if self.server == "granian":
+            return f"granian `--interface {self.interface}`"
         return "hypercorn" + (" (WSGI)" if self.framework == "flask" else "")
 
-    def command(self, port: int, workers: int, max_requests: int) -> list[str]:
+    @property
+    def interface(self) -> str:
+        """granian's ``--interface``: the ASGI apps with their lifespan."""
+        return "wsgi" if self.framework == "flask" else "asgi"
+
+    def command(self, port: int, workers: int, max_requests: int, interface: str = "") -> list[str]:
+        """The server's command line; ``interface`` overrides granian's."""
         target = APPS[self.framework][1]
         bind = f"127.0.0.1:{port}"
         recycle = []
@@ -126,6 +139,19 @@ class Pairing:
         elif self.server == "hypercorn":
             cmd = [sys.executable, "-m", "hypercorn", "-c", "hypercorn.toml",
                    "-w", str(workers), "-b", bind, *recycle]  # fmt: skip
+        elif self.server == "granian":
+            # Without --respawn-failed-workers, granian shuts down altogether
+            # when one worker dies. It has no max-requests: Deployment.recycling
+            # makes it replace its workers (SIGHUP), each new one given 1 s
+            # before the old one stops, not the 3.5 s default (14 s for 4
+            # workers). Each worker listens on a socket of its own
+            # (SO_REUSEPORT): at 0.5 s, all old ones had stopped before a
+            # new one listened, and connections were refused.
+            cmd = [sys.executable, "-m", "granian", "--interface", interface or self.interface,
+                   "--workers", str(workers), "--host", "127.0.0.1", "--port", str(port),
+                   "--respawn-failed-workers"]  # fmt: skip
+            if max_requests:
+                cmd += ["--respawn-interval", "1"]
         else:
             cmd = [sys.executable, "-m", "uvicorn", "--workers", str(workers),
                    "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
@@ -156,6 +182,8 @@ class Deployment:
     log: Path
     runtime_dir: Path
     pids_seen: set[int] = field(default_factory=set)
+    workers: int = WORKERS
+    max_requests: int = 0
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -181,8 +209,64 @@ class Deployment:
             left = f"{self.state_servers()} still running {timeout:g} s after the app server"
             raise AssertionError(self.explain("\n".join([left, *logs]))) from None
 
+    @contextlib.contextmanager
+    def recycling(self) -> Iterator[None]:
+        """Workers are replaced while the block runs (start with ``max_requests``).
+
+        The other servers do it by themselves, after ``max_requests``.
+        granian has no such limit (``--workers-lifetime`` is 60 s at least):
+        its master gets a SIGHUP, on which it replaces its workers one by
+        one, and another once that is done, until the block ends; then the
+        block waits for the last replacement to end.
+        """
+        if self.pairing.server != "granian" or not self.max_requests:
+            yield
+            return
+        stop = threading.Event()
+
+        def hang_up() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.proc.pid, signal.SIGHUP)
+                while not stop.wait(0.05) and not self._granian_reloaded():
+                    pass
+
+        thread = threading.Thread(target=hang_up, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            # Stopped while it starts a worker, granian would hang (all_serving).
+            try:
+                wait_for(self._granian_reloaded, 60, "granian to replace its workers")
+            except AssertionError as exc:
+                raise AssertionError(self.explain(str(exc))) from None
+
+    def _granian_reloaded(self) -> bool:
+        """Whether granian has replaced every worker since the last SIGHUP."""
+        out = self.output()
+        _, hup, since = out.rpartition("HUP signal received")
+        return bool(hup) and f"Stopped old worker-{self.workers}" in since and self.all_serving()
+
+    def all_serving(self) -> bool:
+        """Whether every worker granian started serves (other servers: True).
+
+        A forked granian worker keeps the master's SIGTERM handler until it
+        sets its own: one told to stop before then serves on, and the master
+        waits for it forever. So the harness waits for this before it stops
+        granian or has it replace its workers.
+        """
+        if self.pairing.server != "granian":
+            return True
+        out = self.output()
+        return out.count("Spawning worker-") == out.count("Started worker-")
+
     def stop(self, timeout: float = 20) -> int | None:
         if self.proc.poll() is None:
+            with contextlib.suppress(AssertionError):  # then it hangs, and is killed below
+                wait_for(lambda: self.proc.poll() is not None or self.all_serving(), 20, "")
             self.proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout)
@@ -206,13 +290,16 @@ def start(
     runtime_dir: Path | None = None,
     state_home: Path | None = None,
     env: dict[str, str] | None = None,
+    interface: str = "",
 ) -> Deployment:
-    """Start the app server and wait until it answers /healthz.
+    """Start the app server and wait until it answers /healthz (granian: and
+    every worker serves, see ``Deployment.all_serving``).
 
     ``workdir`` holds its output and (unless ``runtime_dir`` is given) its own
     ``XDG_RUNTIME_DIR``, so that every deployment has its own embedded state
     server unless ``state_url`` names another; likewise its ``XDG_STATE_HOME``
     (where the deployment's secrets outlive it) unless ``state_home`` is given.
+    ``interface`` is granian's ``--interface`` instead of the pairing's.
     """
     port = free_port()
     if runtime_dir is None:
@@ -236,20 +323,28 @@ def start(
     with open(log, "wb") as out:
         # In a session of its own, and ended with the test run however it ends.
         proc = spawn(
-            pairing.command(port, workers, max_requests),
+            pairing.command(port, workers, max_requests, interface),
             cwd=pairing.app_dir,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    deployment = Deployment(pairing, proc, f"http://127.0.0.1:{port}", log, runtime_dir)
+    deployment = Deployment(
+        pairing,
+        proc,
+        f"http://127.0.0.1:{port}",
+        log,
+        runtime_dir,
+        workers=workers,
+        max_requests=max_requests,
+    )
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         if proc.poll() is not None:
             raise AssertionError(deployment.explain(f"{pairing} exited with {proc.returncode}"))
         try:
             r = get(f"{deployment.url}/healthz", timeout=2)
-            if r.status_code == 200:
+            if r.status_code == 200 and deployment.all_serving():
                 break
         except httpx.TransportError:
             pass

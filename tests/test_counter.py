@@ -69,20 +69,23 @@ def test_reset_reaches_every_worker(deployment: Deployment) -> None:
     assert len({r["pid"] for r in reports}) >= 2
 
 
-def test_session_signed_by_one_worker_is_valid_on_every_other(deployment: Deployment) -> None:
+def check_one_session_on_several_workers(d: Deployment) -> None:
+    """/session, one client: every visit counted, whichever worker answers."""
     pids: set[int] = set()
     visits: list[int] = []
     # A new connection per request, so that the requests land on several workers.
-    with httpx.Client(
-        base_url=deployment.url, limits=httpx.Limits(max_keepalive_connections=0)
-    ) as client:
+    with httpx.Client(base_url=d.url, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         while len(visits) < 30 or (len(pids) < 2 and len(visits) < 200):
             r = client.get("/session")
-            assert r.status_code == 200, deployment.explain(r.text)
+            assert r.status_code == 200, d.explain(r.text)
             visits.append(r.json()["visits"])
             pids.add(r.json()["pid"])
     assert len(pids) >= 2, f"all {len(visits)} requests went to worker {pids}"
     assert visits == list(range(1, len(visits) + 1)), "a worker rejected another's session"
+
+
+def test_session_signed_by_one_worker_is_valid_on_every_other(deployment: Deployment) -> None:
+    check_one_session_on_several_workers(deployment)
 
 
 def test_flash_message_survives_the_hop_to_another_worker(deployment: Deployment) -> None:
@@ -227,13 +230,14 @@ def test_naive_mode_shows_the_bug(naive: Deployment) -> None:
 
 
 def test_worker_recycling_keeps_the_count_exact(launch: Any, pairing: Pairing) -> None:
-    d = launch(max_requests=100)  # about 10 workers replaced
-    # uvicorn and hypercorn close the queued connections of a worker that
-    # recycles without answering them; those requests were never run, and
-    # are sent again, as a client would.
+    d = launch(max_requests=100)  # about 10 workers replaced; granian (SIGHUP): 2 or 3
+    # uvicorn, hypercorn and granian close the queued connections of a worker
+    # that recycles without answering them; those requests were never run,
+    # and are sent again, as a client would.
     # gunicorn's asgi worker looks at its request count once a second, and
     # serves on until then: over 3 s, the load reaches its new workers.
-    outcome = hammer(d.url, "/increment", LOAD, CLIENTS, resend_dropped=True, spread=3.0)
+    with d.recycling():
+        outcome = hammer(d.url, "/increment", LOAD, CLIENTS, resend_dropped=True, spread=3.0)
     numbers = sorted(body["count"] for body in outcome.ok)
     final = final_count(d)  # workers may all be restarting right now
     assert len(numbers) == LOAD, d.explain(
@@ -254,6 +258,21 @@ def test_worker_recycling_keeps_the_count_exact(launch: Any, pairing: Pairing) -
         assert final == LOAD
     # 1000 requests at ~100 per worker life must have gone through new workers.
     assert len(outcome.pids) > 4, f"recycling did not happen: only {outcome.pids} served"
+
+
+@pytest.mark.only(server="granian", interface="asgi")
+def test_asgi_apps_work_under_granian_without_a_lifespan(launch: Any) -> None:
+    # --interface asginl runs no lifespan: the state connects on its first
+    # call, and the background tasks start on a worker's first request.
+    d = launch(interface="asginl")
+    reset(d)
+    outcome = hammer(d.url, "/increment", 200, 20)
+    assert not outcome.errors, d.explain(f"transport errors: {outcome.errors[:5]}")
+    numbers = sorted(body["count"] for body in outcome.ok)
+    assert numbers == list(range(1, 201)), d.explain(f"{Counter(s for s, _ in outcome.replies)}")
+    assert len(outcome.pids) >= 2, f"the load reached only workers {outcome.pids}"
+    check_one_session_on_several_workers(d)
+    assert "background tasks start on the first request instead" in d.output()
 
 
 def test_two_app_servers_share_one_state_and_both_give_503s_while_it_is_down(

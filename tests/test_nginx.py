@@ -64,8 +64,9 @@ def behind_nginx(launch: Any, pairing: Pairing) -> Iterator[str]:
     if not Path(binary).exists():
         pytest.fail("nginx is not installed (Debian: apt-get install nginx)")
     # uvicorn (and gunicorn's uvicorn worker) trust 127.0.0.1 by themselves;
-    # Flask and hypercorn are told how many proxies to trust.
-    hops = "1" if pairing.framework == "flask" or pairing.server == "hypercorn" else "0"
+    # Flask, hypercorn and granian are told how many proxies to trust.
+    trusts_none = pairing.server in ("hypercorn", "granian")
+    hops = "1" if pairing.framework == "flask" or trusts_none else "0"
     d = launch(env={"TRUSTED_PROXY_HOPS": hops})
     workdir = Path(tempfile.mkdtemp(prefix="ngx-"))
     port = free_port()

@@ -8,9 +8,11 @@ app = create_app()
 if os.environ.get("COUNTER_MODE") == "naive":  # only to show the bug: see naive.py
     from .naive import app
 
-# Behind nginx under hypercorn, trust that many proxies' X-Forwarded-*; uvicorn (and
+# Behind nginx under hypercorn or granian, trust that many proxies' X-Forwarded-*; uvicorn (and
 # gunicorn's uvicorn worker) trust 127.0.0.1 by themselves (--forwarded-allow-ips).
 if hops := int(os.environ.get("TRUSTED_PROXY_HOPS", "0")):
     from hypercorn.middleware import ProxyFixMiddleware
 
-    app.add_middleware(ProxyFixMiddleware, mode="legacy", trusted_hops=hops)
+    # Around the app, not inside it: there the scope it deep-copies holds the
+    # app (scope["app"]), and with it the state's connection, which cannot be copied.
+    app = ProxyFixMiddleware(app, mode="legacy", trusted_hops=hops)  # type: ignore[assignment,arg-type]
