@@ -214,6 +214,27 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     return made
 
 
+def connections_section(c: dict[str, Any]) -> list[str]:
+    """benchmarks/connections.py: threads per process against connections and throughput."""
+    return [
+        "## Threaded workers: connections to the state server, and `incr` throughput",
+        "",
+        f"Python {c['machine']['python']} on {c['machine']['cpus']} CPUs; medians of "
+        f"{c['rounds']} rounds of {c['seconds']:g} s (min-max), the variants interleaved; "
+        "each variant runs its own state server, started by its own clients. *engine/T*: "
+        "4 processes with T threads each, every thread calling `incr` in a loop. "
+        "*http/…*: the Flask app, 4 workers × 100 threads (granian `--interface wsgi "
+        "--blocking-threads 100`, gunicorn `-k gthread --threads 100`), 400 concurrent "
+        "clients posting `/increment`. Server threads and connections: the highest seen "
+        "during the run (sampled every 50 ms; connections = the server's sockets minus "
+        "its listener). Re-run with `python benchmarks/connections.py --baseline-src "
+        "OLD/shared_core/src`.",
+        "",
+        c["table"],
+        "",
+    ]
+
+
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
     results: dict[str, Any] = {"engines": json.loads((folder / "engines.json").read_text())}
@@ -221,6 +242,8 @@ def main() -> None:
         results["http"] = json.loads((folder / "http.json").read_text())
     if (folder / "durability.json").exists():
         results["durability"] = json.loads((folder / "durability.json").read_text())
+    if (folder / "connections.json").exists():
+        results["connections"] = json.loads((folder / "connections.json").read_text())
     eng = results["engines"]
     lat, tp, sc = eng["latency"], eng["throughput"], eng["scale"]
     m, st = eng["machine"], eng["settings"]
@@ -306,6 +329,8 @@ def main() -> None:
     ]
     if "durability" in results:
         lines += durability_section(results["durability"])
+    if "connections" in results:
+        lines += connections_section(results["connections"])
     if "http" in results:
         h = results["http"]
         lines += [
