@@ -18,7 +18,14 @@ from typing import Any
 
 import pytest
 
-from shared_core import AsyncSharedState, ConfigError, LockTimeout, SharedState, StateUnavailable
+from shared_core import (
+    AsyncSharedState,
+    CapacityError,
+    ConfigError,
+    LockTimeout,
+    SharedState,
+    StateUnavailable,
+)
 from shared_core._config import DEFAULT_MAX_CONNECTIONS, resolve
 
 
@@ -118,8 +125,61 @@ def test_nested_locks_and_mutate_in_one_thread_share_its_connection(app: str) ->
             # Another thread cannot take "a", nor wait for a connection for ever.
             in_threads(1, lambda i: state.lock("a", timeout=0.2).__enter__())
     assert state.get("doc") == {"n": 1}
+    # All three let go: the only connection is back in the pool for any thread.
+    assert in_threads(1, lambda i: state.incr("n")) == [2]
     with state.lock("a", timeout=1), state.lock("b", timeout=1):
         pass  # both released, by the thread that held them
+
+
+def test_plain_calls_are_not_starved_by_threads_waiting_for_a_lock(app: str) -> None:
+    # 2 connections: one held by the lock's holder for 3 s, the other wanted
+    # by 6 threads waiting for that lock. A lock wait gives its connection
+    # back every half second, so plain calls get one well within
+    # connect_timeout (2 s) instead of failing.
+    state = SharedState(f"local://{app}?linger=10&max_connections=2&connect_timeout=2")
+    held = threading.Event()
+
+    def holder(i: int) -> None:
+        with state.lock("long"):
+            held.set()
+            time.sleep(3)
+
+    def waiter(i: int) -> None:
+        held.wait(10)
+        with state.lock("long", timeout=30):
+            pass
+
+    def plain(i: int) -> float:
+        held.wait(10)
+        time.sleep(0.5)  # the waiters are in line by now
+        slowest = 0.0
+        for _ in range(20):
+            started = time.monotonic()
+            state.incr("plain")
+            slowest = max(slowest, time.monotonic() - started)
+            time.sleep(0.05)
+        return slowest
+
+    roles = [holder, *[waiter] * 6, plain]
+    results = in_threads(len(roles), lambda i: roles[i](i))
+    assert results[-1] < 1.5, f"a plain call waited {results[-1]:.2f}s for a connection"
+    assert state.get("plain") == 20
+
+
+def test_a_refused_write_at_the_end_of_mutate_frees_its_lock_and_connection(app: str) -> None:
+    state = SharedState(f"local://{app}?linger=10&max_connections=1&max_keys=1&eviction=noeviction")
+    state.set("a", 1)
+    with pytest.raises(CapacityError), state.mutate("b", {}) as doc:
+        doc["x"] = 1
+
+    # Neither the key's lock (else LockTimeout) nor the connection (else
+    # StateUnavailable) stayed behind; this mutation gives up, writing nothing.
+    def again(i: int) -> None:
+        with pytest.raises(KeyError), state.mutate("b", {}, timeout=1):
+            raise KeyError("given up")
+
+    in_threads(1, again)
+    assert state.get("b") is None
 
 
 def test_a_lock_released_when_the_server_died_says_so_and_frees_the_connection(
@@ -144,36 +204,28 @@ def _servers(app: str) -> list[Any]:
 def test_a_forked_child_has_its_own_pool_and_not_the_parents_locks(app: str) -> None:
     state = SharedState(f"local://{app}?linger=10&max_connections=1")
     state.incr("n")
-    held = threading.Event()
-    release = threading.Event()
-
-    def holder() -> None:
-        with state.lock("parent's"):
-            held.set()
-            release.wait(30)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    held.wait(10)
-    pid = os.fork()
-    if pid == 0:  # the child: the parent's only connection is busy and not ours
-        code = 1
-        try:
-            state.incr("n")
-            with state.lock("child's", timeout=2):
-                state.incr("n")
+    with state.lock("parent's"):
+        # Forked by the thread that holds a lock: the child must neither use
+        # nor release the parent's connection.
+        pid = os.fork()
+        if pid == 0:
+            code = 1
             try:
-                with state.lock("parent's", timeout=0.3):
-                    pass
-            except LockTimeout:
-                code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    release.set()
-    t.join(10)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert state.get("n") == 3
+                state.incr("n")
+                with state.lock("child's", timeout=2):
+                    state.incr("n")
+                try:
+                    with state.lock("parent's", timeout=0.3):
+                        pass
+                except LockTimeout:
+                    code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert state.incr("n") == 4  # the parent's connection still works
+    with state.lock("parent's", timeout=1):
+        pass  # released by the parent
 
 
 def test_one_async_state_serves_event_loops_in_several_threads(app: str) -> None:
@@ -211,8 +263,8 @@ def test_async_locks_hold_at_most_max_connections(app: str) -> None:
         await state.aclose()
 
     asyncio.run(main())
-    # The pipelined connection, 2 held locks, and the watcher's asking thread
-    # (which runs in this thread, between the tasks).
+    # The pipelined connection and 2 held locks (clients() leaves out the
+    # watcher's own connection).
     assert peak[0] <= 1 + 2, peak[0]
 
 
@@ -227,3 +279,23 @@ def test_max_connections_is_ours_on_a_redis_url_too() -> None:
     assert config.max_connections == 3
     assert "max_connections" not in str(config.address)
     assert "health_check_interval=5" in str(config.address)
+
+
+def test_aclose_while_a_lock_is_held_leaves_the_waiters_served(app: str) -> None:
+    state = AsyncSharedState(f"local://{app}?linger=10&max_connections=1")
+
+    async def take(name: str) -> None:
+        async with state.lock(name, timeout=10):
+            pass
+
+    async def main() -> None:
+        async with state.lock("a"):
+            waiting = asyncio.create_task(take("b"))  # waits for the only connection
+            await asyncio.sleep(0.2)
+            await state.aclose()  # a worker's lifespan ending, say
+        # The holder gave its connection back to the line it came from.
+        await asyncio.wait_for(waiting, 5)
+        await take("c")
+        await state.aclose()
+
+    asyncio.run(main())

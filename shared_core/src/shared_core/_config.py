@@ -18,8 +18,8 @@ clients), ``connect_timeout``, ``op_timeout``, ``allow_remote`` (server only),
 ``persist`` and ``snapshot_interval`` (snapshots), ``fsync`` and ``log_limit``
 (the append-only log, with ``persist``), ``max_keys`` and
 ``eviction`` (a bound on the embedded store), ``data_dir`` (where the embedded
-server keeps the deployment's secrets), ``max_connections`` (per process:
-8 to the embedded server, 50 to Redis); for Redis also ``app``,
+server keeps the deployment's secrets), ``max_connections`` (per client,
+for its threads: 8 to the embedded server, 50 to Redis); for Redis also ``app``,
 ``serializer`` (``json`` or ``pickle``) and ``lock_lease``. Other query
 parameters of a Redis URL go to redis-py.
 """
@@ -112,8 +112,8 @@ class Config:
     eviction: str = "volatile-lru"  # embedded only, with max_keys
     # Embedded only: where the server keeps what must outlive it (secrets).
     data_dir: Path | None = None
-    # Connections one process opens (None: the engine's default); subscriptions
-    # have their own on top.
+    # Connections one client opens for its threads, or (async) per event loop
+    # for held locks (None: the engine's default); subscriptions come on top.
     max_connections: int | None = None
 
     @property

@@ -213,7 +213,8 @@ class SharedState:
         return self._engine.info()
 
     def close(self) -> None:
-        """Close this process's connections (a later call reconnects)."""
+        """Close the idle connections of this state (a later call reconnects);
+        those in use close when given back, on the next failure, or at exit."""
         self._engine.close()
 
     def __enter__(self) -> SharedState:

@@ -42,6 +42,8 @@ class _Pipe(asyncio.Protocol):
         self._deadlines: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._watchdog: asyncio.TimerHandle | None = None
         self.closed = False
+        self.lender: _Pipes | None = None  # whose slot a lock's connection holds
+        self.sock: socket.socket | None = None  # to close it once its loop has ended
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, hence the cast.
@@ -157,9 +159,21 @@ class AsyncEmbeddedEngine:
         with self._by_loop_mutex:
             pipes = self._by_loop.get(loop)
             if pipes is None:
+                self._forget_ended_loops()
                 pipes = self._by_loop[loop] = _Pipes(self._size)
         self._last = (loop, pipes)
         return pipes
+
+    def _forget_ended_loops(self) -> None:
+        # Under _by_loop_mutex. A loop that ended without aclose() left its
+        # connections open (and their server threads); its transports can no
+        # longer close them, their sockets can.
+        for loop in [loop for loop in self._by_loop if loop.is_closed()]:
+            pipes = self._by_loop.pop(loop)
+            for pipe in [pipes.main, *pipes.spare]:
+                if pipe is not None and pipe.sock is not None:
+                    pipe.closed = True
+                    pipe.sock.close()
 
     async def _open(self) -> _Pipe:
         loop = asyncio.get_running_loop()
@@ -179,6 +193,7 @@ class AsyncEmbeddedEngine:
             _, pipe = await loop.create_unix_connection(_Pipe, sock=sock)
         else:
             _, pipe = await loop.create_connection(_Pipe, sock=sock)
+        pipe.sock = sock
         return pipe
 
     async def _main_pipe(self, pipes: _Pipes) -> _Pipe:
@@ -279,15 +294,24 @@ class AsyncEmbeddedEngine:
             while pipes.spare:
                 pipe = pipes.spare.pop()
                 if not pipe.closed:
-                    return pipe
-            return await self._open()
+                    break
+            else:
+                pipe = await self._open()
+            pipe.lender = pipes
+            return pipe
         except BaseException:
             pipes.slots.release()
             raise
 
     def _checkin(self, pipe: _Pipe) -> None:
         """Give back what ``_checkout`` lent (a broken or cancelled one is closed)."""
-        pipes = self._pipes()
+        pipes = pipe.lender
+        assert pipes is not None
+        pipe.lender = None
+        if pipes is not self._pipes():  # aclose() came meanwhile: not for the new ones
+            pipe.abort()
+            pipes.slots.release()
+            return
         if not pipe.closed and len(pipes.spare) < self._SPARE:
             pipes.spare.append(pipe)
         else:

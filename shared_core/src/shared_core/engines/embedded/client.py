@@ -21,6 +21,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Protocol
 
 from ..._codec import PickleCodec, Raw
@@ -30,6 +31,9 @@ from .lifecycle import connect
 from .protocol import request, result, set_timeouts
 
 LOST = "connection to the state server lost"
+# Seconds a sync lock wait holds a pooled connection before giving it back
+# and asking again (an async one has a connection of its own).
+LOCK_SLICE = 0.5
 
 
 def lock_slices(timeout: float | None, op_timeout: float) -> Iterator[float]:
@@ -61,10 +65,11 @@ def mutate_timeout(key: str, timeout: float | None) -> LockTimeout:
 class _Link:
     """One connection of the pool, and its poller (to see a hang-up before use)."""
 
-    __slots__ = ("__weakref__", "conn", "poller")
+    __slots__ = ("__weakref__", "conn", "generation", "poller")
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, generation: int) -> None:
         self.conn = conn
+        self.generation = generation
         self.poller = select.poll()
         self.poller.register(conn.fileno(), select.POLLIN)
 
@@ -97,7 +102,8 @@ class _Pool:
     The most recently returned connection is lent first, so a quiet process
     keeps using few of them; a new one is opened only when none is idle.
     Threads that find none wait in line and are handed one in turn, so none
-    waits longer than its share however many threads there are.
+    waits longer than its share however many threads there are; plain calls
+    go before lock waits, which hold a connection for a short slice only.
     """
 
     def __init__(self, config: Config) -> None:
@@ -106,15 +112,23 @@ class _Pool:
         # Idle connections. list.pop() and list.append() are atomic, so lending
         # and giving back take no lock while nobody waits.
         self._idle: list[_Link] = []
-        self._waiters: deque[_Waiter] = deque()  # under _mutex
+        # Threads waiting for a connection, under _mutex: plain calls are
+        # served before lock waits, which only ask the server again.
+        self._calls: deque[_Waiter] = deque()
+        self._lock_waits: deque[_Waiter] = deque()
         self.open = 0  # idle and lent; under _mutex
         self._mutex = threading.Lock()
         self._all: weakref.WeakSet[_Link] = weakref.WeakSet()
+        self._generation = 0  # close() starts a new one
 
-    def take(self, wait: float | None) -> _Link | None:
+    def _waiting(self) -> bool:
+        return bool(self._calls or self._lock_waits)
+
+    def take(self, wait: float | None, *, for_lock: bool = False) -> _Link | None:
         """An idle connection, a new one, or one given back within ``wait`` seconds
-        (None: however long it takes); None if none was."""
-        if not self._waiters:  # else: behind them
+        (None: however long it takes); None if none was. ``for_lock``: a lock
+        wait, served after the plain calls waiting at the time."""
+        if not self._waiting():  # else: behind them
             try:
                 link = self._idle.pop()
             except IndexError:
@@ -123,31 +137,43 @@ class _Pool:
                 if not link.stale():
                     return link
                 self.discard(link)
-        return self._take_in_turn(wait)
+        return self._take_in_turn(wait, self._lock_waits if for_lock else self._calls)
 
-    def _take_in_turn(self, wait: float | None) -> _Link | None:
+    def _take_in_turn(self, wait: float | None, line: deque[_Waiter]) -> _Link | None:
         with self._mutex:
-            while self._idle and not self._waiters:
+            while self._idle and not self._waiting():
                 link = self._idle.pop()
                 if not link.stale():
                     return link
                 link.close()
                 self.open -= 1
-            if self.open < self.size and not self._waiters:
+            if self.open < self.size and not self._waiting():
                 self.open += 1
                 waiter = None
             else:
                 waiter = _Waiter()
                 # In line first, then served from what is idle: a give() that
                 # came just before either left its connection there or saw us.
-                self._waiters.append(waiter)
+                line.append(waiter)
                 self._hand_over()
         if waiter is None:
             return self._open()  # connecting takes time: not under the mutex
-        if not waiter.ready.acquire(timeout=-1 if wait is None else wait):
+        try:
+            served = waiter.ready.acquire(timeout=-1 if wait is None else wait)
+        except BaseException:  # interrupted (a signal): leave the line
             with self._mutex:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
+                if waiter in line:
+                    line.remove(waiter)
+                    raise
+            if waiter.link is None:
+                self.discard(None)
+            else:
+                self.give(waiter.link)
+            raise
+        if not served:
+            with self._mutex:
+                if waiter in line:
+                    line.remove(waiter)
                     return None
             # Served between the timeout and the mutex: take it.
         if waiter.link is None:
@@ -158,10 +184,13 @@ class _Pool:
             return self._open()
         return waiter.link
 
+    def _next_in_line(self) -> _Waiter:
+        return (self._calls or self._lock_waits).popleft()
+
     def _open(self) -> _Link:
         """Connect, in a slot already counted in ``open``."""
         try:
-            link = _Link(connect(self._config))
+            link = _Link(connect(self._config), self._generation)
         except BaseException:
             self.discard(None)
             raise
@@ -170,8 +199,8 @@ class _Pool:
 
     def _hand_over(self) -> None:
         # Under _mutex: the first in line get the idle connections.
-        while self._waiters and self._idle:
-            waiter = self._waiters.popleft()
+        while self._idle and self._waiting():
+            waiter = self._next_in_line()
             waiter.link = self._idle.pop()
             waiter.ready.release()
 
@@ -183,8 +212,11 @@ class _Pool:
         )
 
     def give(self, link: _Link) -> None:
+        if link.generation != self._generation:  # lent before close()
+            self.discard(link)
+            return
         self._idle.append(link)
-        if self._waiters:
+        if self._waiting():
             with self._mutex:
                 self._hand_over()
 
@@ -193,16 +225,18 @@ class _Pool:
         if link is not None:
             link.close()
         with self._mutex:
-            if self._waiters:
+            if self._waiting():
                 # The slot goes to the first in line, who connects anew.
-                waiter = self._waiters.popleft()
+                waiter = self._next_in_line()
                 waiter.link = None
                 waiter.ready.release()
             else:
                 self.open -= 1
 
     def close(self) -> None:
+        """Close the idle connections now, those lent when they come back."""
         with self._mutex:
+            self._generation += 1
             while self._idle:
                 self._idle.pop().close()
                 self.open -= 1
@@ -237,12 +271,14 @@ class EmbeddedEngine:
     def _send(self, request: tuple[Any, ...], link: _Link | None = None) -> _Link:
         """Send ``request`` on a borrowed connection (``link``, or one taken
         within ``connect_timeout``) and return it."""
+        # Pickled first: a request that cannot be costs no connection.
+        payload = ForkingPickler.dumps(request)
         if link is None:
             link = self._pool.take(self._config.connect_timeout)
             if link is None:
                 raise self._pool.busy()
         try:
-            link.conn.send(request)
+            link.conn.send_bytes(payload)
         except BlockingIOError as exc:
             # The server stopped reading (frozen): it has at most part of it.
             self._pool.discard(link)
@@ -254,21 +290,30 @@ class EmbeddedEngine:
             if link is None:
                 raise self._pool.busy() from None
             try:
-                link.conn.send(request)
-            except OSError as exc:
+                link.conn.send_bytes(payload)
+            except BaseException as exc:
                 self._pool.discard(link)
-                raise StateUnavailable(f"{LOST}: {exc}") from exc
+                if isinstance(exc, OSError):
+                    raise StateUnavailable(f"{LOST}: {exc}") from exc
+                raise
+        except BaseException:
+            # Interrupted mid-write (a signal): the stream may be torn.
+            self._pool.discard(link)
+            raise
         return link
 
     def _reply(self, link: _Link, method: str) -> Any:
         """The reply's content; the connection is discarded if it broke."""
         try:
             return link.conn.recv()
-        except (OSError, EOFError) as exc:
+        except BaseException as exc:
+            # Broken, timed out, interrupted or unreadable: it cannot be trusted.
             self._pool.discard(link)
             if isinstance(exc, BlockingIOError):
                 raise StateUnavailable(f"no reply to {method} in time") from exc
-            raise StateUnavailable(f"{LOST} during {method}: {exc!r}") from exc
+            if isinstance(exc, (OSError, EOFError)):
+                raise StateUnavailable(f"{LOST} during {method}: {exc!r}") from exc
+            raise
 
     def call(self, method: str, *args: Any) -> Any:
         """Run ``method(*args)`` on the store: one round trip."""
@@ -362,27 +407,33 @@ class EmbeddedEngine:
         return result(reply, method)
 
     def _hold(self, method: str, name: str, timeout: float | None) -> tuple[_Link, Any] | None:
-        """Ask for a lock (or a mutation) in slices; once granted, pin its connection."""
+        """Ask for a lock (or a mutation) in slices; once granted, pin its connection.
+
+        A slice takes a pooled connection for at most ``LOCK_SLICE`` seconds
+        and gives it back before the next one, so that threads waiting for a
+        lock do not keep the others' plain calls from the pool for long.
+        """
         op = self._config.op_timeout
         pinned = self._pinned()
         deadline = None if timeout is None else time.monotonic() + timeout
-        for wait in lock_slices(timeout, op):
-            bound = reply_wait(wait, op)
+        for wait in lock_slices(timeout, min(op, LOCK_SLICE)):
             if pinned is not None:
                 # Its other locks live on this connection: so does this one.
                 link = pinned
                 try:
-                    value = self._call_on(link, method, name, wait, wait=bound)
+                    value = self._call_on(link, method, name, wait, wait=reply_wait(wait, op))
                 except LockTimeout:
                     continue
             else:
                 # Waiting for a connection is part of waiting for the lock.
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                borrowed = self._pool.take(left)
+                borrowed = self._pool.take(left, for_lock=True)
                 if borrowed is None:
                     return None
+                if deadline is not None:
+                    wait = min(wait, max(0.0, deadline - time.monotonic()))
                 link = self._send(request(method, (name, wait)), borrowed)
-                set_timeouts(link.conn.fileno(), bound)
+                set_timeouts(link.conn.fileno(), reply_wait(wait, op))
                 reply = self._reply(link, method)
                 set_timeouts(link.conn.fileno(), op)
                 try:
@@ -421,7 +472,18 @@ class EmbeddedEngine:
         return None if held is None else held[0]
 
     def lock_release(self, handle: _Link, name: str) -> None:
-        self._call_on(handle, "lock_release", name)
+        self._let_go(handle, "lock_release", name)
+
+    def _let_go(self, handle: _Link, method: str, *args: Any) -> None:
+        try:
+            self._call_on(handle, method, *args)
+        except StateUnavailable:
+            raise  # unpinned already, with the broken connection
+        except BaseException:
+            # The server answered with an error: the connection is sound, and
+            # the server released what it held (see Store.mutate_end).
+            self._unpin()
+            raise
         self._unpin()
 
     def mutate_begin(self, key: str, timeout: float | None) -> tuple[_Link, Any]:
@@ -431,8 +493,7 @@ class EmbeddedEngine:
         return held
 
     def mutate_end(self, handle: _Link, key: str, value: Any, commit: bool) -> None:
-        self._call_on(handle, "mutate_end", key, value, commit)
-        self._unpin()
+        self._let_go(handle, "mutate_end", key, value, commit)
 
     # Broadcast: a subscriber has a connection of its own, outside the pool,
     # since receive() waits on the server for messages.

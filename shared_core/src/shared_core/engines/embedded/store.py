@@ -544,16 +544,19 @@ class Store:
 
     def mutate_end(self, key: str, value: Value | None, commit: bool) -> None:
         name = MUTATE_PREFIX + key
-        if commit:
-            if self._lock_owners.get(name) != threading.get_ident():
-                raise RuntimeError(f"mutate({key!r}) is not in progress for this caller")
-            if value is not None:
+        if self._lock_owners.get(name) != threading.get_ident():
+            raise RuntimeError(f"mutate({key!r}) is not in progress for this caller")
+        try:
+            if commit and value is not None:
                 with self._mutex:
                     # The key keeps its ttl, unless it ran out during the block.
                     now = time.time()
                     self._put(key, value, KEEP if self._live(key, now) else None, now)
                     self._seal()
-        self.lock_release(name)
+        finally:
+            # Released even when the write is refused (a full store): the
+            # connection goes back to its pool, and must not keep the key locked.
+            self.lock_release(name)
 
     # broadcast ---------------------------------------------------------------
 
