@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import select
 import threading
 import time
@@ -21,7 +22,6 @@ import weakref
 from collections import deque
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import ForkingPickler
 from typing import Any, Protocol
 
 from ..._codec import PickleCodec, Raw
@@ -34,6 +34,16 @@ LOST = "connection to the state server lost"
 # Seconds a sync lock wait holds a pooled connection before giving it back
 # and asking again (an async one has a connection of its own).
 LOCK_SLICE = 0.5
+
+
+def encode(message: Any) -> bytes:
+    """``message`` pickled, for ``Connection.send_bytes``.
+
+    Not ``Connection.send``: it pickles into a memoryview of a BytesIO, and
+    CPython 3.12.1 crashed (SIGSEGV in the garbage collector, freeing such a
+    memoryview with its BytesIO) after a lock's connection broke mid-call.
+    """
+    return pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
 
 
 def lock_slices(timeout: float | None, op_timeout: float) -> Iterator[float]:
@@ -272,7 +282,7 @@ class EmbeddedEngine:
         """Send ``request`` on a borrowed connection (``link``, or one taken
         within ``connect_timeout``) and return it."""
         # Pickled first: a request that cannot be costs no connection.
-        payload = ForkingPickler.dumps(request)
+        payload = encode(request)
         if link is None:
             link = self._pool.take(self._config.connect_timeout)
             if link is None:
@@ -392,7 +402,7 @@ class EmbeddedEngine:
             raise StateUnavailable(f"{LOST} while a lock was held; it was released")
         conn = handle.conn
         try:
-            conn.send(request(method, args))
+            conn.send_bytes(encode(request(method, args)))
             if wait is None:
                 reply = conn.recv()
             else:
@@ -501,7 +511,7 @@ class EmbeddedEngine:
     def subscribe(self, channels: list[str]) -> Connection:
         conn = connect(self._config)
         try:
-            conn.send(request("subscribe", (channels,)))
+            conn.send_bytes(encode(request("subscribe", (channels,))))
             result(conn.recv(), "subscribe")
         except (OSError, EOFError) as exc:
             conn.close()
@@ -510,7 +520,7 @@ class EmbeddedEngine:
 
     def receive(self, handle: Connection, timeout: float) -> list[tuple[str, Any]]:
         try:
-            handle.send(request("receive", (timeout,)))
+            handle.send_bytes(encode(request("receive", (timeout,))))
             if not handle.poll(reply_wait(timeout, self._config.op_timeout)):
                 raise TimeoutError("no answer to receive() in time")
             return list(result(handle.recv(), "receive"))
