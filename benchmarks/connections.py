@@ -12,8 +12,11 @@ interleaved rounds so that the noise of a shared machine hits both alike:
   concurrent clients: requests per second, and the state server's threads
   and connections at their peak.
 
-    python benchmarks/connections.py [--baseline-src OLD/shared_core/src] [--quick]
+    python -m benchmarks.connections [--baseline-src OLD/shared_core/src] [--quick]
         [--out benchmarks/results/connections.json]
+
+(from the repository root: the app servers are started by the suite's
+harness, ``tests.harness``).
 
 Each measured variant runs its own state server (its own runtime directory),
 started by its own clients, so the baseline's server is the baseline's code.
@@ -40,10 +43,10 @@ from typing import Any
 import aiohttp
 import psutil
 
-from shared_core.testing import free_port, state_servers
+from shared_core.testing import state_servers
+from tests.harness import Pairing, start
 
 ROOT = Path(__file__).resolve().parent.parent
-APP_DIR = ROOT / "apps" / "flask_counter"
 PROCESSES = 4
 THREADS = (1, 8, 64, 256)
 HTTP_THREADS = 100
@@ -171,30 +174,26 @@ def engine_round(variant: Variant, threads: int, seconds: float) -> dict[str, An
 
 def http_round(variant: Variant, server: str, seconds: float) -> dict[str, Any]:
     runtime = variant.runtime()
-    env = variant.env(runtime)
-    port = free_port()
-    bindir = Path(sys.executable).parent
+    threads = str(HTTP_THREADS)
     if server == "granian":
-        cmd = [str(bindir / "granian"), "--interface", "wsgi", "--workers", str(PROCESSES),
-               "--blocking-threads", str(HTTP_THREADS), "--respawn-failed-workers",
-               "--host", "127.0.0.1", "--port", str(port), "--no-log",
-               "flask_counter.wsgi:app"]  # fmt: skip
+        pairing, extra = "flask-granian", ["--blocking-threads", threads, "--no-log"]
     else:
-        cmd = [str(bindir / "gunicorn"), "-c", "gunicorn.conf.py", "-k", "gthread",
-               "--threads", str(HTTP_THREADS), "-w", str(PROCESSES),
-               "-b", f"127.0.0.1:{port}", "flask_counter.wsgi:app"]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        cmd, cwd=APP_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
+        pairing, extra = "flask-gunicorn-gthread", ["--threads", threads]
+    d = start(
+        Pairing.parse(pairing),
+        runtime,
+        state_url=variant.url or None,
+        workers=PROCESSES,
+        runtime_dir=runtime,
+        state_home=runtime / "home",
+        env=variant.env(runtime),
+        extra=extra,
+    )
     try:
-        _wait_healthy(url, proc)
         with Peak(runtime) as peak:
-            done, errors = asyncio.run(_load(url, seconds))
+            done, errors = asyncio.run(_load(d.url, seconds))
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(30)
+        d.stop()
     _stop_servers(runtime)
     return {
         "requests_per_s": done / seconds,
@@ -202,22 +201,6 @@ def http_round(variant: Variant, server: str, seconds: float) -> dict[str, Any]:
         "server_threads": peak.threads,
         "connections": peak.connections,
     }
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the app server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the app server did not answer in time")
 
 
 async def _load(url: str, seconds: float) -> tuple[int, int]:

@@ -227,7 +227,7 @@ def connections_section(c: dict[str, Any]) -> list[str]:
         "--blocking-threads 100`, gunicorn `-k gthread --threads 100`), 400 concurrent "
         "clients posting `/increment`. Server threads and connections: the highest seen "
         "during the run (sampled every 50 ms; connections = the server's sockets minus "
-        "its listener). Re-run with `python benchmarks/connections.py --baseline-src "
+        "its listener). Re-run with `python -m benchmarks.connections --baseline-src "
         "OLD/shared_core/src`.",
         "",
         c["table"],

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,8 +124,16 @@ class Pairing:
         """granian's ``--interface``: the ASGI apps with their lifespan."""
         return "wsgi" if self.framework == "flask" else "asgi"
 
-    def command(self, port: int, workers: int, max_requests: int, interface: str = "") -> list[str]:
-        """The server's command line; ``interface`` overrides granian's."""
+    def command(
+        self,
+        port: int,
+        workers: int,
+        max_requests: int,
+        interface: str = "",
+        extra: Sequence[str] = (),
+    ) -> list[str]:
+        """The server's command line; ``interface`` overrides granian's, ``extra``
+        comes after the pairing's own options (for gunicorn, the last one wins)."""
         target = APPS[self.framework][1]
         bind = f"127.0.0.1:{port}"
         recycle = []
@@ -157,7 +165,7 @@ class Pairing:
                    "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
             if max_requests:
                 cmd += ["--limit-max-requests", str(max_requests)]
-        return [*cmd, target]
+        return [*cmd, *extra, target]
 
 
 def pairing_table() -> str:
@@ -291,6 +299,7 @@ def start(
     state_home: Path | None = None,
     env: dict[str, str] | None = None,
     interface: str = "",
+    extra: Sequence[str] = (),
 ) -> Deployment:
     """Start the app server and wait until it answers /healthz (granian: and
     every worker serves, see ``Deployment.all_serving``).
@@ -299,7 +308,8 @@ def start(
     ``XDG_RUNTIME_DIR``, so that every deployment has its own embedded state
     server unless ``state_url`` names another; likewise its ``XDG_STATE_HOME``
     (where the deployment's secrets outlive it) unless ``state_home`` is given.
-    ``interface`` is granian's ``--interface`` instead of the pairing's.
+    ``interface`` is granian's ``--interface`` instead of the pairing's;
+    ``extra``, options for the server (say ``--threads 100``).
     """
     port = free_port()
     if runtime_dir is None:
@@ -323,7 +333,7 @@ def start(
     with open(log, "wb") as out:
         # In a session of its own, and ended with the test run however it ends.
         proc = spawn(
-            pairing.command(port, workers, max_requests, interface),
+            pairing.command(port, workers, max_requests, interface, extra),
             cwd=pairing.app_dir,
             env=env,
             stdout=out,

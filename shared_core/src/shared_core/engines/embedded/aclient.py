@@ -305,14 +305,10 @@ class AsyncEmbeddedEngine:
 
     def _checkin(self, pipe: _Pipe) -> None:
         """Give back what ``_checkout`` lent (a broken or cancelled one is closed)."""
-        pipes = pipe.lender
+        pipes, pipe.lender = pipe.lender, None
         assert pipes is not None
-        pipe.lender = None
-        if pipes is not self._pipes():  # aclose() came meanwhile: not for the new ones
-            pipe.abort()
-            pipes.slots.release()
-            return
-        if not pipe.closed and len(pipes.spare) < self._SPARE:
+        # Kept for the loop's next lock unless aclose() came meanwhile.
+        if pipes is self._pipes() and not pipe.closed and len(pipes.spare) < self._SPARE:
             pipes.spare.append(pipe)
         else:
             pipe.abort()
@@ -331,13 +327,14 @@ class AsyncEmbeddedEngine:
 
     async def _hold(
         self, method: str, name: str, timeout: float | None
-    ) -> tuple[_Pipe, Any] | tuple[None, None]:
-        """Ask for a lock or a mutation in slices, on a connection of its own."""
+    ) -> tuple[_Pipe, Any] | None:
+        """Ask for a lock or a mutation in slices, on a connection of its own;
+        None if not granted within ``timeout``."""
         started = time.monotonic()
         # Waiting for a connection is part of waiting for the lock.
         pipe = await self._checkout(timeout)
         if pipe is None:
-            return self._timed_out(method, name, timeout)
+            return None
         if timeout is not None:
             timeout = max(0.0, timeout - (time.monotonic() - started))
         op = self._config.op_timeout
@@ -353,13 +350,7 @@ class AsyncEmbeddedEngine:
             self._checkin(pipe)
             raise
         self._checkin(pipe)
-        return self._timed_out(method, name, timeout)
-
-    @staticmethod
-    def _timed_out(method: str, name: str, timeout: float | None) -> tuple[None, None]:
-        if method == "lock_acquire":
-            return None, None
-        raise mutate_timeout(name, timeout)
+        return None
 
     async def _let_go(self, handle: _Pipe, method: str, args: tuple[Any, ...]) -> None:
         try:
@@ -368,16 +359,17 @@ class AsyncEmbeddedEngine:
             self._checkin(handle)
 
     async def lock_acquire(self, name: str, timeout: float | None) -> _Pipe | None:
-        pipe, granted = await self._hold("lock_acquire", name, timeout)
-        return pipe if granted else None
+        held = await self._hold("lock_acquire", name, timeout)
+        return None if held is None else held[0]
 
     async def lock_release(self, handle: _Pipe, name: str) -> None:
         await self._let_go(handle, "lock_release", (name,))
 
     async def mutate_begin(self, key: str, timeout: float | None) -> tuple[_Pipe, Any]:
-        pipe, value = await self._hold("mutate_begin", key, timeout)
-        assert pipe is not None  # a mutation that timed out raised
-        return pipe, value
+        held = await self._hold("mutate_begin", key, timeout)
+        if held is None:
+            raise mutate_timeout(key, timeout)
+        return held
 
     async def mutate_end(self, handle: _Pipe, key: str, value: Any, commit: bool) -> None:
         await self._let_go(handle, "mutate_end", (key, value, commit))

@@ -190,8 +190,7 @@ class _Pool:
             return self._open()
         if waiter.link.stale():
             waiter.link.close()
-            self._all.discard(waiter.link)
-            return self._open()
+            return self._open()  # in the slot it held
         return waiter.link
 
     def _next_in_line(self) -> _Waiter:
@@ -217,7 +216,7 @@ class _Pool:
     def busy(self) -> StateUnavailable:
         wait = self._config.connect_timeout
         return StateUnavailable(
-            f"all {self.size} connections of this process to the state server stayed "
+            f"all {self.size} connections of this state to the state server stayed "
             f"busy for connect_timeout={wait:g}s (raise max_connections= in the state URL?)"
         )
 
@@ -403,11 +402,10 @@ class EmbeddedEngine:
         conn = handle.conn
         try:
             conn.send_bytes(encode(request(method, args)))
-            if wait is None:
-                reply = conn.recv()
-            else:
+            if wait is not None:
                 set_timeouts(conn.fileno(), wait)
-                reply = conn.recv()
+            reply = conn.recv()
+            if wait is not None:
                 set_timeouts(conn.fileno(), self._config.op_timeout)
         except (OSError, EOFError) as exc:
             # The server frees every lock of a connection that ends.
@@ -485,16 +483,12 @@ class EmbeddedEngine:
         self._let_go(handle, "lock_release", name)
 
     def _let_go(self, handle: _Link, method: str, *args: Any) -> None:
+        # Let go even when the server answered with an error: it released what
+        # it held (see Store.mutate_end). A broken connection was unpinned already.
         try:
             self._call_on(handle, method, *args)
-        except StateUnavailable:
-            raise  # unpinned already, with the broken connection
-        except BaseException:
-            # The server answered with an error: the connection is sound, and
-            # the server released what it held (see Store.mutate_end).
+        finally:
             self._unpin()
-            raise
-        self._unpin()
 
     def mutate_begin(self, key: str, timeout: float | None) -> tuple[_Link, Any]:
         held = self._hold("mutate_begin", key, timeout)
