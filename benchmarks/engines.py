@@ -2,8 +2,9 @@
 
 Everything is measured in one run, interleaved in rounds, so that the noise of
 a shared machine hits every engine alike; the report gives ratios against the
-baselines of the same run (the bare ``multiprocessing.connection`` echo, and
-redis-py with hiredis), medians over rounds, and the spread.
+baselines of the same run (the bare ``multiprocessing.connection`` echo,
+redis-py with hiredis, and psycopg on one connection for the PostgreSQL
+engine), medians over rounds, and the spread.
 
     python benchmarks/engines.py --out benchmarks/results/engines.json [--quick]
 """
@@ -30,14 +31,28 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import psycopg
 import redis
 
 from shared_core import AsyncSharedState, SharedState
-from shared_core.testing import RedisServer, free_port
+from shared_core.testing import PostgresServer, RedisServer, free_port, private_dir
 
 SPAWN = multiprocessing.get_context("spawn")
 VALUE = "v" * 100  # the 100-byte value of get and set
 ECHO_REQUEST: tuple[str, str, tuple[str, int], dict[str, Any]] = ("store", "incr", ("k", 1), {})
+# The raw psycopg baseline: a table of its own shaped like the engine's
+# (text key, bigint or bytea value), and the same kind of statement per call,
+# so that engine / psycopg is what the engine adds over the bare driver.
+RAW_TABLE = 'CREATE TABLE IF NOT EXISTS bench_raw (key text COLLATE "C" PRIMARY KEY, num bigint, data bytea)'
+RAW_INCR = (
+    "INSERT INTO bench_raw AS t (key, num) VALUES (%s, %s) "
+    "ON CONFLICT (key) DO UPDATE SET num = t.num + EXCLUDED.num RETURNING num"
+)
+RAW_GET = "SELECT num, data FROM bench_raw WHERE key = %s"
+RAW_SET = (
+    "INSERT INTO bench_raw (key, data) VALUES (%s, %s) "
+    "ON CONFLICT (key) DO UPDATE SET num = NULL, data = EXCLUDED.data"
+)
 
 
 def progress(message: str) -> None:
@@ -88,18 +103,38 @@ class Setup:
         self.plain_dict = self.plain_manager.dict()
         self.plain_lock = self.plain_manager.Lock()
         self.diskcache_dir = str(workdir / "diskcache")
+        # A directory of its own: run as root, PostgreSQL runs as another
+        # user, who cannot enter the 0700 workdir.
+        self.postgres_dir = private_dir("bench-pg-")
+        self.postgres = PostgresServer(self.postgres_dir).start()
+        self.postgres_url = self.postgres.url("bench")
+        self.postgres_conninfo = (
+            f"host={self.postgres.socket_dir} port={self.postgres.port} "
+            "user=postgres dbname=postgres"
+        )
+        with psycopg.connect(self.postgres_conninfo, autocommit=True) as conn:
+            conn.execute(RAW_TABLE)
 
     def server_pids(self) -> list[int]:
         assert self.redis.proc is not None
         assert self.echo.pid is not None
         manager = SharedState(self.manager_url).info()["pid"]
         plain = self.plain_manager._process.pid  # type: ignore[attr-defined]
-        return [self.redis.proc.pid, self.echo.pid, manager, plain]
+        # The postmaster and its helpers: new backends inherit its affinity.
+        postgres = [p.pid for p in self.postgres.processes()]
+        return [self.redis.proc.pid, self.echo.pid, manager, plain, *postgres]
 
     def close(self) -> None:
         self.plain_manager.shutdown()
         self.redis.stop()
+        self.postgres.stop()
+        shutil.rmtree(self.postgres_dir, ignore_errors=True)
         self.echo.terminate()
+
+
+def raw_postgres(conninfo: str) -> psycopg.Connection[Any]:
+    """The baseline's client: one connection, autocommit, no pool."""
+    return psycopg.connect(conninfo, autocommit=True)
 
 
 def sync_ops(setup: Setup, engine: str) -> dict[str, Callable[[], Any]]:
@@ -117,6 +152,7 @@ def sync_ops(setup: Setup, engine: str) -> dict[str, Callable[[], Any]]:
             "shared_core manager": setup.manager_url,
             "shared_core redis unix": setup.redis_unix,
             "shared_core redis tcp": setup.redis_tcp,
+            "shared_core postgres unix": setup.postgres_url,
         }[engine]
         state = SharedState(url)
         state.set("v", VALUE)
@@ -132,6 +168,14 @@ def sync_ops(setup: Setup, engine: str) -> dict[str, Callable[[], Any]]:
             "incr": lambda: r.incr("raw:n"),
             "get": lambda: r.get("raw:v"),
             "set": lambda: r.set("raw:v", VALUE),
+        }
+    if engine == "psycopg unix":
+        pg = raw_postgres(setup.postgres_conninfo)
+        pg.execute(RAW_SET, ("raw:v", VALUE.encode()))
+        return {
+            "incr": lambda: pg.execute(RAW_INCR, ("raw:n", 1)).fetchone(),
+            "get": lambda: pg.execute(RAW_GET, ("raw:v",)).fetchone(),
+            "set": lambda: pg.execute(RAW_SET, ("raw:v", VALUE.encode())),
         }
     if engine.startswith("SyncManager DictProxy"):
         d, lock = setup.plain_dict, setup.plain_lock
@@ -160,13 +204,14 @@ def sync_ops(setup: Setup, engine: str) -> dict[str, Callable[[], Any]]:
     raise ValueError(engine)
 
 
-def async_ops(setup: Setup, engine: str) -> dict[str, Callable[[], Any]]:
+def async_ops(setup: Setup, engine: str) -> tuple[AsyncSharedState, dict[str, Callable[[], Any]]]:
     url = {
         "shared_core manager async": setup.manager_url,
         "shared_core redis unix async": setup.redis_unix,
+        "shared_core postgres unix async": setup.postgres_url,
     }[engine]
     state = AsyncSharedState(url)
-    return {
+    return state, {
         "incr": lambda: state.incr("n"),
         "get": lambda: state.get("v"),
         "set": lambda: state.set("v", VALUE),
@@ -179,10 +224,16 @@ SYNC_ENGINES = [
     "shared_core redis unix",
     "shared_core redis tcp",
     "redis-py + hiredis unix",
+    "shared_core postgres unix",
+    "psycopg unix",
     "SyncManager DictProxy + Lock",
     "diskcache",
 ]
-ASYNC_ENGINES = ["shared_core manager async", "shared_core redis unix async"]
+ASYNC_ENGINES = [
+    "shared_core manager async",
+    "shared_core redis unix async",
+    "shared_core postgres unix async",
+]
 
 
 def percentiles(samples: list[int]) -> tuple[float, float]:
@@ -215,13 +266,15 @@ def latency(setup: Setup, rounds: int, calls: int) -> dict[str, Any]:
     ops = {e: sync_ops(setup, e) for e in SYNC_ENGINES}
     loop = asyncio.new_event_loop()
     loops = {e: loop for e in ASYNC_ENGINES}
-    aops = {e: async_ops(setup, e) for e in ASYNC_ENGINES}
+    astates, aops = {}, {}
+    for e in ASYNC_ENGINES:
+        astates[e], aops[e] = async_ops(setup, e)
     try:  # uvicorn runs on uvloop when it is installed (uvicorn[standard])
         import uvloop
 
         name = "shared_core manager async, uvloop"
         loops[name] = uvloop.new_event_loop()
-        aops[name] = async_ops(setup, "shared_core manager async")
+        astates[name], aops[name] = async_ops(setup, "shared_core manager async")
     except ImportError:
         pass
     for engine, fns in aops.items():
@@ -238,6 +291,9 @@ def latency(setup: Setup, rounds: int, calls: int) -> dict[str, Any]:
             for op, fn in fns.items():
                 result = loops[engine].run_until_complete(time_async(fn, calls))
                 raw.setdefault(engine, {}).setdefault(op, []).append(result)
+    # Closed in their loops: a pool's tasks left pending there warn at exit.
+    for engine, state in astates.items():
+        loops[engine].run_until_complete(state.aclose())
     summary: dict[str, Any] = {}
     for engine, by_op in raw.items():
         for op, rows in by_op.items():
@@ -293,6 +349,15 @@ def _incr_fn(info: dict[str, Any], engine: str) -> Callable[[], Any]:
     if engine == "redis-py + hiredis unix":
         r = redis.Redis(unix_socket_path=info["redis_socket"])
         return lambda: r.incr("bench:raw:tp")  # a plain Redis integer of its own
+    if engine == "shared_core postgres unix":
+        state = SharedState(info["postgres_url"])
+        # Its pool opens on first use: before the clock starts, as the
+        # baseline's connection does (a read, which leaves the count alone).
+        state.get("tp")
+        return lambda: state.incr("tp")
+    if engine == "psycopg unix":
+        conn = raw_postgres(info["postgres_conninfo"])
+        return lambda: conn.execute(RAW_INCR, ("tp", 1)).fetchone()
     if engine == "diskcache":
         import diskcache
 
@@ -355,6 +420,8 @@ THROUGHPUT_ENGINES = [
     "shared_core manager async",
     "shared_core redis unix",
     "redis-py + hiredis unix",
+    "shared_core postgres unix",
+    "psycopg unix",
     "SyncManager DictProxy + Lock",
     "SyncManager DictProxy, no lock",
     "diskcache",
@@ -369,6 +436,13 @@ def _count(setup: Setup, engine: str, plain_dict: Any) -> int:
     if engine == "redis-py + hiredis unix":
         r = redis.Redis(unix_socket_path=str(setup.redis.socket))
         return int(r.get("bench:raw:tp") or 0)
+    if engine == "shared_core postgres unix":
+        with SharedState(setup.postgres_url) as state:
+            return int(state.get("tp", 0))
+    if engine == "psycopg unix":
+        with raw_postgres(setup.postgres_conninfo) as conn:
+            row = conn.execute(RAW_GET, ("tp",)).fetchone()
+            return int(row[0]) if row else 0
     if engine == "diskcache":
         import diskcache
 
@@ -383,6 +457,12 @@ def _reset(setup: Setup, engine: str, plain_dict: Any) -> None:
         SharedState(setup.redis_unix).set("tp", 0)
     elif engine == "redis-py + hiredis unix":
         redis.Redis(unix_socket_path=str(setup.redis.socket)).set("bench:raw:tp", 0)
+    elif engine == "shared_core postgres unix":
+        with SharedState(setup.postgres_url) as state:
+            state.set("tp", 0)
+    elif engine == "psycopg unix":
+        with raw_postgres(setup.postgres_conninfo) as conn:
+            conn.execute("DELETE FROM bench_raw WHERE key = 'tp'")
     elif engine == "diskcache":
         import diskcache
 
@@ -414,6 +494,8 @@ def throughput(setup: Setup, clients: list[int], seconds: float, rounds: int) ->
         "manager_url": setup.manager_url,
         "redis_unix": setup.redis_unix,
         "redis_socket": str(setup.redis.socket),
+        "postgres_url": setup.postgres_url,
+        "postgres_conninfo": setup.postgres_conninfo,
         "diskcache_dir": setup.diskcache_dir,
         "plain_address": plain_address,
         "authkey": setup.authkey,
@@ -523,6 +605,7 @@ def machine() -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "redis_py": redis.__version__,
+        "psycopg": f"{psycopg.__version__} ({psycopg.pq.__impl__}, libpq {psycopg.pq.version()})",
     }
 
 
@@ -543,6 +626,8 @@ def main() -> None:
         info = machine()
         server_info = redis.Redis(unix_socket_path=str(setup.redis.socket)).info("server")
         info["redis_server"] = server_info["redis_version"]
+        with raw_postgres(setup.postgres_conninfo) as conn:
+            info["postgres_server"] = conn.info.parameter_status("server_version")
         lat = latency(setup, rounds, calls)
         scaled = scale(setup, sizes, calls, rounds)
         # Throughput: every core, for the clients and the servers.

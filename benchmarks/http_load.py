@@ -33,8 +33,9 @@ import psutil
 from shared_core.testing import RedisServer
 from tests.harness import PAIRINGS, Pairing, start, state_servers
 
-# Every pairing of the suite; each is run in the three modes below, Redis included.
-HTTP_PAIRINGS = [name for name in PAIRINGS if not Pairing.parse(name).redis]
+# Every framework × server of the suite (not its -redis and -postgres twins);
+# each is run in the three modes below, Redis included.
+HTTP_PAIRINGS = [name for name in PAIRINGS if not Pairing.parse(name).external]
 MODES = ["shared", "naive", "redis"]
 POST_LUA = 'wrk.method = "POST"\n'
 

@@ -40,6 +40,25 @@ def latency_table(lat: dict[str, Any]) -> list[str]:
     return lines
 
 
+def postgres_note(lat: dict[str, Any]) -> list[str]:
+    """The PostgreSQL engine against psycopg alone, when the run has both."""
+    engine, raw = lat.get("shared_core postgres unix"), lat.get("psycopg unix")
+    if engine is None or raw is None:
+        return []
+    ratios = ", ".join(
+        f"`{op}` {_ratio(engine[op]['p50_us'], raw[op]['p50_us'])}" for op in ("incr", "get", "set")
+    )
+    line = (
+        "The PostgreSQL engine over psycopg alone (one connection, autocommit, "
+        f"the same kind of statement), p50 in this run: {ratios}"
+    )
+    aio = lat.get("shared_core postgres unix async")
+    if aio is not None:
+        async_incr = _ratio(aio["incr"]["p50_us"], engine["incr"]["p50_us"])
+        line += f"; the async engine's `incr` over the sync one: {async_incr}"
+    return [line + ".", ""]
+
+
 def throughput_table(tp: dict[str, Any]) -> list[str]:
     clients = list(next(iter(tp.values())).keys())
     lines = [
@@ -263,12 +282,16 @@ def main() -> None:
     small, big = sc["shared_core manager"][sizes[0]], sc["shared_core manager"][sizes[-1]]
     flat = big["incr_p50_us"] / small["incr_p50_us"]
 
+    # Runs from before the PostgreSQL rows have neither.
+    postgres_versions = (
+        f", PostgreSQL {m['postgres_server']}, psycopg {m['psycopg']}" if "psycopg" in m else ""
+    )
     lines = [
         "# Benchmark results",
         "",
         f"Measured {m['date']} on {m['cpus']} CPUs ({m['cpu']}), {m['memory_gb']} GiB, "
         f"{m['platform']}; Python {m['python']}, redis-py {m['redis_py']}, "
-        f"redis-server {m.get('redis_server', '?')}. Every figure is a median over "
+        f"redis-server {m.get('redis_server', '?')}{postgres_versions}. Every figure is a median over "
         f"{st['rounds']} rounds run interleaved in one process ({st['calls']} calls each for "
         f"latency, {st['seconds']} s per throughput point); the spread is min-max over rounds. "
         "Latency and scale: the client and every server pinned to one core (so that "
@@ -309,6 +332,7 @@ def main() -> None:
                     f"{measured} | {_check(ok)} |"
                 )
     lines += ["", "## Latency, one client (µs)", "", *latency_table(lat), ""]
+    lines += postgres_note(lat)
     lines += ["![latency](latency.png)", ""]
     lines += ["## Throughput: `incr` of one key from N client processes", ""]
     lines += [*throughput_table(tp), "", "![throughput](throughput.png)", ""]

@@ -1,9 +1,10 @@
 """Fixtures and hooks of the integration suite; the harness is tests/harness.py.
 
 The pairing comes from ``$PAIRING`` (tox sets it to the env name, e.g.
-``quart-hypercorn``) or ``--pairing``: ``FRAMEWORK-SERVER[-WORKER][-redis]``.
+``quart-hypercorn``) or ``--pairing``: ``FRAMEWORK-SERVER[-WORKER][-ENGINE]``.
 With ``-redis`` the apps use the Redis engine on a real redis-server that the
-tests start; otherwise the embedded default.
+tests start, with ``-postgres`` the PostgreSQL engine on a real PostgreSQL
+server; otherwise the embedded default.
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shared_core.testing import RedisServer, private_dir
+from shared_core.testing import private_dir
 from tests.harness import (
     CHAOS_ROWS,
     PAIRINGS,
     Deployment,
+    EngineServer,
     ExplicitState,
     Pairing,
     PairingError,
@@ -33,7 +34,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--pairing",
         default=os.environ.get("PAIRING"),
-        help="FRAMEWORK-SERVER[-WORKER][-redis], a comma-separated list, or 'all'",
+        help="FRAMEWORK-SERVER[-WORKER][-ENGINE], a comma-separated list, or 'all'",
     )
 
 
@@ -52,7 +53,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect the pairings a test marked ``only(framework=..., redis=...)`` is not for."""
+    """Deselect the pairings a test marked ``only(framework=..., engine=...)`` is not for."""
     keep, drop = [], []
     for item in items:
         marker = item.get_closest_marker("only")
@@ -85,23 +86,25 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 @pytest.fixture(scope="session")
-def redis_socket(pairing: Pairing, request: pytest.FixtureRequest) -> Path | None:
-    """The socket of the redis-server of a ``-redis`` pairing (None for the others)."""
-    if not pairing.redis:
+def external_engine(pairing: Pairing, request: pytest.FixtureRequest) -> EngineServer | None:
+    """The session's server of the pairing's external engine, the redis-server
+    or the PostgreSQL server (None for the embedded engine): each deployment
+    gets an app of its own there (``default_state_url``)."""
+    if not pairing.external:
         return None
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return server.socket
+    server: EngineServer = request.getfixturevalue(f"{pairing.engine}_server")
+    return server
 
 
 @pytest.fixture
 def launch(
-    pairing: Pairing, redis_socket: Path | None, tmp_path_factory: pytest.TempPathFactory
+    pairing: Pairing, external_engine: EngineServer | None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
     """``launch(**options)`` starts a deployment that is stopped at teardown."""
     started: list[Deployment] = []
 
     def _launch(**options: Any) -> Deployment:
-        options.setdefault("state_url", default_state_url(redis_socket))
+        options.setdefault("state_url", default_state_url(external_engine))
         deployment = start(pairing, tmp_path_factory.mktemp("app"), **options)
         started.append(deployment)
         return deployment
@@ -115,24 +118,24 @@ def launch(
 # tests that need no deployment of their own share these two.
 @pytest.fixture(scope="session")
 def deployment(
-    pairing: Pairing, redis_socket: Path | None, tmp_path_factory: pytest.TempPathFactory
+    pairing: Pairing, external_engine: EngineServer | None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Deployment]:
     """The shared-state app with 4 workers, shared by the tests of the run."""
-    d = start(pairing, tmp_path_factory.mktemp("app"), state_url=default_state_url(redis_socket))
+    d = start(pairing, tmp_path_factory.mktemp("app"), state_url=default_state_url(external_engine))
     yield d
     d.stop()
 
 
 @pytest.fixture(scope="session")
 def naive(
-    pairing: Pairing, redis_socket: Path | None, tmp_path_factory: pytest.TempPathFactory
+    pairing: Pairing, external_engine: EngineServer | None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Deployment]:
     """The app with ``COUNTER_MODE=naive``: module globals and the libraries'
     per-worker defaults, shared by the tests of the run."""
     d = start(
         pairing,
         tmp_path_factory.mktemp("naive"),
-        state_url=default_state_url(redis_socket),
+        state_url=default_state_url(external_engine),
         mode="naive",
     )
     yield d

@@ -1,9 +1,10 @@
 """The integration suite's harness: pairings, deployments, load, process discovery.
 
-A pairing is ``FRAMEWORK-SERVER[-WORKER][-redis]``: a reference app served
-by one server with 4 workers, on the embedded state or (``-redis``) on a real
-redis-server. ``PAIRINGS`` is the one list of them: tox.ini's env_list, the
-CI workflow, the benchmarks and the table in docs/testing.md are checked
+A pairing is ``FRAMEWORK-SERVER[-WORKER][-ENGINE]``: a reference app served
+by one server with 4 workers, on the embedded state or on a real external
+engine the tests start, ``-redis`` (a redis-server) or ``-postgres`` (a
+PostgreSQL server). ``PAIRINGS`` is the one list of them: tox.ini's env_list,
+the CI workflow, the benchmarks and the table in docs/testing.md are checked
 against it (tests/test_matrix.py). ``python -m tests.harness`` prints that table.
 """
 
@@ -29,7 +30,14 @@ import httpx
 import psutil
 
 from shared_core import testing
-from shared_core.testing import RedisServer, StateServer, free_port, spawn, wait_for
+from shared_core.testing import (
+    PostgresServer,
+    RedisServer,
+    StateServer,
+    free_port,
+    spawn,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = {
@@ -41,6 +49,8 @@ FRAMEWORKS = {"flask": "Flask", "quart": "Quart", "fastapi": "FastAPI"}
 SERVERS = ("gunicorn", "hypercorn", "uvicorn", "granian")
 # gunicorn's worker class per factor; without one, what the app's gunicorn.conf.py says.
 GUNICORN_WORKERS = {"gthread": ["-k", "gthread", "--threads", "4"], "asgi": ["-k", "asgi"]}
+# The state's engine per factor: the embedded default has none.
+ENGINES = {"redis": "Redis", "postgres": "PostgreSQL"}
 WORKERS = 4
 START_TIMEOUT = 60.0
 
@@ -52,11 +62,12 @@ PAIRINGS = [
     "fastapi-granian",
     "flask-gunicorn-redis", "quart-hypercorn-redis", "fastapi-uvicorn-redis",
     "fastapi-granian-redis",
+    "flask-gunicorn-postgres", "quart-hypercorn-postgres", "fastapi-uvicorn-postgres",
 ]  # fmt: skip
 
 
 class PairingError(ValueError):
-    """A pairing name that does not say FRAMEWORK-SERVER[-WORKER][-redis]."""
+    """A pairing name that does not say FRAMEWORK-SERVER[-WORKER][-ENGINE]."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,7 @@ class Pairing:
     framework: str
     server: str
     worker: str = ""  # a gunicorn worker class of GUNICORN_WORKERS, or the default
-    redis: bool = False
+    engine: str = "embedded"  # or one of ENGINES, a server the tests start
 
     @classmethod
     def parse(cls, name: str) -> Pairing:
@@ -77,18 +88,26 @@ class Pairing:
                 f"{sorted(APPS)} and SERVER in {SERVERS}"
             )
         extra = factors[2:]
-        redis = extra[-1:] == ["redis"]
-        worker = extra[0] if extra and extra[0] != "redis" else ""
-        if len(extra) != bool(worker) + redis or (worker and server != "gunicorn"):
+        engine = extra[-1] if extra and extra[-1] in ENGINES else "embedded"
+        worker = extra[0] if extra and extra[0] not in ENGINES else ""
+        if len(extra) != bool(worker) + (engine in ENGINES) or (worker and server != "gunicorn"):
             raise PairingError(f"pairing {name!r}: unknown factors {extra}")
         if worker not in ("", *GUNICORN_WORKERS):
             raise PairingError(f"pairing {name!r}: gunicorn worker {worker!r} is not one of ours")
-        return cls(framework, server, worker, redis)
+        return cls(framework, server, worker, engine)
 
     @property
     def name(self) -> str:
-        extra = (f"-{self.worker}" if self.worker else "") + ("-redis" if self.redis else "")
+        extra = f"-{self.worker}" if self.worker else ""
+        if self.engine in ENGINES:
+            extra += f"-{self.engine}"
         return f"{self.framework}-{self.server}{extra}"
+
+    @property
+    def external(self) -> bool:
+        """Whether the state is in an engine of its own (Redis, PostgreSQL),
+        which no app server starts nor stops."""
+        return self.engine != "embedded"
 
     def __str__(self) -> str:
         return self.name
@@ -172,7 +191,9 @@ def pairing_table() -> str:
     """The Markdown table of the pairings, as docs/testing.md shows it."""
     rows = ["| env | framework | server | workers |", "|---|---|---|---|"]
     for p in map(Pairing.parse, PAIRINGS):
-        framework = FRAMEWORKS[p.framework] + (", state in Redis" if p.redis else "")
+        framework = FRAMEWORKS[p.framework]
+        if p.external:
+            framework += f", state in {ENGINES[p.engine]}"
         rows.append(f"| `{p.name}` | {framework} | {p.server_label} | {WORKERS} |")
     return "\n".join(rows) + "\n"
 
@@ -370,22 +391,39 @@ def state_servers(runtime_dir: Path) -> list[psutil.Process]:
     return testing.state_servers(runtime_dir=runtime_dir)
 
 
-def default_state_url(redis_socket: Path | None) -> str | None:
-    """A fresh namespace in the pairing's Redis, or None for the embedded default."""
-    if redis_socket is None:
+# The server of an external engine, which gives state URLs: ``.url(app, **query)``.
+EngineServer = RedisServer | PostgresServer
+
+
+def engine_server(pairing: Pairing, workdir: Path) -> EngineServer:
+    """A new server of the pairing's external engine in ``workdir``, not started."""
+    if pairing.engine == "redis":
+        return RedisServer(workdir)
+    if pairing.engine == "postgres":
+        return PostgresServer(workdir)
+    raise ValueError(f"{pairing}: the embedded engine has no server of its own")
+
+
+def default_state_url(engine: EngineServer | None) -> str | None:
+    """A fresh app (namespace) in the pairing's external engine, or None for
+    the embedded default."""
+    if engine is None:
         return None
-    return f"redis+unix://{redis_socket}?app=it{uuid.uuid4().hex[:8]}"
+    return engine.url(f"it{uuid.uuid4().hex[:8]}")
 
 
 class ExplicitState:
-    """A state server run on its own: ``shared_core serve``, or a redis-server
-    for ``-redis`` pairings. Its URL gives up reconnecting after 0.5 s."""
+    """A state server run on its own: ``shared_core serve``, or the external
+    engine's server (a redis-server, a PostgreSQL server). Its URL gives up
+    reconnecting after 0.5 s. Only PostgreSQL keeps the state through a
+    ``kill()`` (``durable``): the others here keep it in memory alone."""
 
     def __init__(self, pairing: Pairing, workdir: Path) -> None:
-        self.server: StateServer | RedisServer
-        if pairing.redis:
-            self.server = redis = RedisServer(workdir)
-            self.url = redis.url("explicit", connect_timeout=0.5)
+        self.durable = pairing.engine == "postgres"
+        self.server: StateServer | EngineServer
+        if pairing.external:
+            self.server = server = engine_server(pairing, workdir)
+            self.url = server.url("explicit", connect_timeout=0.5)
         else:
             self.server = served = StateServer(workdir, connect_timeout=0.5)
             self.url = served.url

@@ -13,13 +13,12 @@ from __future__ import annotations
 import math
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.harness import Deployment, default_state_url, get, sample
+from tests.harness import Deployment, EngineServer, default_state_url, get, sample
 
 N = 10  # the apps' LIMIT: requests per minute per client address
 CACHE_SECONDS = 30
@@ -91,10 +90,11 @@ def test_the_naive_cache_computes_in_each_worker(naive: Deployment) -> None:
 
 @pytest.mark.only(framework="flask")
 def test_server_side_sessions_are_valid_on_every_worker(
-    launch: Any, redis_socket: Path | None
+    launch: Any, external_engine: EngineServer | None
 ) -> None:
-    # On Redis, Flask's flash messages (tuples) need ?serializer=pickle (docs/backends.md).
-    url = default_state_url(redis_socket)
+    # On Redis and PostgreSQL, Flask's flash messages (tuples) need ?serializer=pickle
+    # (docs/backends.md).
+    url = default_state_url(external_engine)
     d = launch(env={"SESSION_STORE": "server"}, state_url=url and f"{url}&serializer=pickle")
     visits: list[int] = []
     seen: set[int] = set()

@@ -30,10 +30,12 @@ import httpx
 import psutil
 import pytest
 
-from shared_core.testing import RedisServer, session_processes, wait_for
+from shared_core.testing import PostgresServer, RedisServer, session_processes, wait_for
 from tests.harness import (
     CHAOS_ROWS,
+    ENGINES,
     Deployment,
+    EngineServer,
     Outcome,
     Pairing,
     final_count,
@@ -96,11 +98,25 @@ def stop_and_check_clean(d: Deployment) -> None:
     )
 
 
+def signal_all(procs: list[psutil.Process], sig: int) -> None:
+    """Send ``sig`` to each of ``procs`` that is still there."""
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(sig)
+
+
 @pytest.fixture
-def redis_for_chaos() -> Iterator[RedisServer]:
-    """A durable redis-server of its own (appendfsync always), to kill at will."""
-    workdir = Path(tempfile.mkdtemp(prefix="cr-"))
-    server = RedisServer(workdir, durable=True).start()
+def engine_for_chaos(pairing: Pairing) -> Iterator[EngineServer]:
+    """The pairing's external engine, a server of its own to kill at will:
+    a durable redis-server (appendfsync always), or PostgreSQL (which keeps
+    what it committed through a crash of the server)."""
+    workdir = Path(tempfile.mkdtemp(prefix="ce-"))
+    server: EngineServer
+    if pairing.engine == "redis":
+        server = RedisServer(workdir, durable=True)
+    else:
+        server = PostgresServer(workdir)
+    server.start()
     try:
         yield server
     finally:
@@ -109,13 +125,17 @@ def redis_for_chaos() -> Iterator[RedisServer]:
 
 
 def chaos_url(pairing: Pairing, request: pytest.FixtureRequest, **query: Any) -> str | None:
-    """The state URL of a chaos deployment: the embedded default, or Redis."""
-    if not pairing.redis:
+    """The state URL of a chaos deployment: the embedded default (with the
+    options ``query``), or the external engine's server of the test
+    (``engine_for_chaos``), where ``query`` means nothing."""
+    if not pairing.external:
         if not query:
             return None
         return "local://chaos?" + "&".join(f"{k}={v}" for k, v in query.items())
-    redis: RedisServer = request.getfixturevalue("redis_for_chaos")
-    return f"redis+unix://{redis.socket}?app=chaos&lock_lease=2"
+    server: EngineServer = request.getfixturevalue("engine_for_chaos")
+    if isinstance(server, RedisServer):
+        return server.url("chaos", lock_lease=2)
+    return server.url("chaos")
 
 
 # 1 -------------------------------------------------------------------------
@@ -208,7 +228,8 @@ def test_state_server_sigkill(
     launch: Any, pairing: Pairing, request: pytest.FixtureRequest
 ) -> None:
     # Every write in the log before its reply: the embedded engine with
-    # fsync=always, Redis with appendonly and appendfsync always.
+    # fsync=always, Redis with appendonly and appendfsync always, PostgreSQL
+    # with its WAL written at each commit.
     url = chaos_url(pairing, request, persist=1, fsync="always")
     d = launch(state_url=url)
     before = hammer(d.url, "/increment", 500, 50)
@@ -221,10 +242,12 @@ def test_state_server_sigkill(
     started = time.monotonic()
     load.start()
     time.sleep(0.5)
-    if pairing.redis:
-        redis: RedisServer = request.getfixturevalue("redis_for_chaos")
-        redis.kill()
-        restart = threading.Timer(1.0, redis.start)
+    if pairing.external:
+        # Killed with all its processes, and restarted 1 s later (PostgreSQL
+        # recovers from its WAL), on the same socket.
+        engine: EngineServer = request.getfixturevalue("engine_for_chaos")
+        engine.kill()
+        restart = threading.Timer(1.0, engine.start)
         restart.start()
     else:
         (server,) = state_servers(d.runtime_dir)
@@ -234,7 +257,7 @@ def test_state_server_sigkill(
     took = time.monotonic() - started
     assert loads, "1500 requests did not finish within 60 s: something hung"
     (during,) = loads
-    if pairing.redis:
+    if pairing.external:
         restart.join()
     statuses = Counter(s for s, _ in during.replies)
     # Only answers that say what happened: 200, or 503 while it is away.
@@ -249,8 +272,9 @@ def test_state_server_sigkill(
     attempted = 500 + 1500 + 50
     # Jepsen's counter rule: acknowledged <= final <= attempted.
     assert acked <= counted <= attempted, f"{acked} acknowledged, {counted} counted"
-    faults = f"state server SIGKILLed at {killed_at:.1f}s of {took:.1f}s under {CLIENTS} clients"
-    faults += ", restarted" if pairing.redis else ", replaced"
+    victim = ENGINES.get(pairing.engine, "state server")
+    faults = f"{victim} SIGKILLed at {killed_at:.1f}s of {took:.1f}s under {CLIENTS} clients"
+    faults += ", restarted" if pairing.external else ", replaced"
     assert record("state server SIGKILL", pairing, faults, outcome, counted) == 0
     print(f"{pairing.name}: {statuses[503]} of 1500 requests got 503 while it was away")
     stop_and_check_clean(d)
@@ -265,7 +289,7 @@ def test_startup_race_of_16_workers(
     d = launch(state_url=chaos_url(pairing, request), workers=16)
     outcome = hammer(d.url, "/increment", 400, 50)
     servers = state_servers(d.runtime_dir)
-    assert len(servers) == (0 if pairing.redis else 1), f"state servers: {servers}"
+    assert len(servers) == (0 if pairing.external else 1), f"state servers: {servers}"
     counted = final_count(d)
     assert sorted(b["count"] for b in outcome.ok) == list(range(1, 401))
     faults = f"16 workers at once, {len(servers)} state server"
@@ -280,7 +304,7 @@ def test_lock_holder_death(launch: Any, pairing: Pairing, explicit_state: Any) -
     # The state lives outside the app server, so that it outlives hypercorn,
     # which stops altogether when one of its workers dies.
     url = explicit_state.url
-    if pairing.redis:
+    if pairing.engine == "redis":
         url += "&lock_lease=2"
     d = launch(state_url=url)
     holder_request = threading.Thread(
@@ -310,9 +334,11 @@ def test_lock_holder_death(launch: Any, pairing: Pairing, explicit_state: Any) -
     wait_for(job_ran, 15, "the lock of the killed holder to be freed")
     waited = time.monotonic() - killed
     holder_request.join(60)
-    if pairing.redis:
+    if pairing.engine == "redis":
         assert waited < 2 + 1.5, f"freed {waited:.2f}s after the holder died (lease 2 s)"
     elif pairing.server != "hypercorn":
+        # The embedded engine frees it when the holder's connection drops; so
+        # does PostgreSQL (a session advisory lock): no lease to wait for.
         assert waited < 1.0, f"freed {waited:.2f}s after the holder died"
     CHAOS_ROWS.append(
         {
@@ -412,7 +438,7 @@ def test_fastapi_schema_fuzzing(launch: Any, pairing: Pairing, tmp_path: Path) -
 # 7 -------------------------------------------------------------------------
 
 
-@pytest.mark.only(redis=False)  # Redis has its own ACL, AUTH and TLS
+@pytest.mark.only(engine="embedded")  # Redis and PostgreSQL have their own access control
 def test_security_of_the_embedded_state(launch: Any, pairing: Pairing) -> None:
     d = launch()
     assert post(f"{d.url}/increment").status_code == 200
@@ -480,21 +506,26 @@ def test_state_server_frozen_under_load(
     d = launch(state_url=chaos_url(pairing, request))
     before = hammer(d.url, "/increment", 300, 50)
     assert len(before.ok) == 300, d.explain(str(before.errors[:3]))
-    if pairing.redis:
-        redis: RedisServer = request.getfixturevalue("redis_for_chaos")
-        assert redis.proc is not None
-        pid = redis.proc.pid
+    frozen: list[psutil.Process]
+    if pairing.external:
+        engine: EngineServer = request.getfixturevalue("engine_for_chaos")
+        assert engine.proc is not None
+        # PostgreSQL's backends serve their connections by themselves: all of them.
+        if isinstance(engine, PostgresServer):
+            frozen = engine.processes()
+        else:
+            frozen = [psutil.Process(engine.proc.pid)]
     else:
-        (server,) = state_servers(d.runtime_dir)
-        pid = server.pid
-    os.kill(pid, signal.SIGSTOP)
-    thaw = threading.Timer(FREEZE, os.kill, (pid, signal.SIGCONT))
+        frozen = state_servers(d.runtime_dir)
+        assert len(frozen) == 1, f"state servers: {frozen}"
+    signal_all(frozen, signal.SIGSTOP)
+    thaw = threading.Timer(FREEZE, signal_all, (frozen, signal.SIGCONT))
     thaw.start()
     try:
         during = hammer(d.url, "/increment", 200, CLIENTS)
     finally:
         thaw.cancel()
-        os.kill(pid, signal.SIGCONT)
+        signal_all(frozen, signal.SIGCONT)
     statuses = Counter(s for s, _ in during.replies)
     # Only answers that say what happened: 200, or 503 while it is frozen.
     assert set(statuses) <= {200, 503}, d.explain(f"statuses: {statuses}")
@@ -513,7 +544,8 @@ def test_state_server_frozen_under_load(
     assert {s for s, _ in after.replies} == {200}, d.explain(str(after.replies[:3]))
     counted = final_count(d)
     outcome = Outcome(before.replies + during.replies + after.replies, [])
-    faults = f"state server SIGSTOPped {FREEZE:g}s; slowest request {during.slowest:.1f}s"
+    victim = ENGINES.get(pairing.engine, "state server")
+    faults = f"{victim} SIGSTOPped {FREEZE:g}s; slowest request {during.slowest:.1f}s"
     assert record("state server frozen", pairing, faults, outcome, counted) == 0
     print(
         f"{pairing.name}: {statuses[503]} of 200 requests got 503 while frozen, "

@@ -16,6 +16,7 @@ import pytest
 
 from tests.harness import (
     Deployment,
+    EngineServer,
     ExplicitState,
     Pairing,
     default_state_url,
@@ -175,10 +176,10 @@ def test_broadcast_reaches_every_worker(deployment: Deployment) -> None:
 
 
 def test_state_survives_a_restart_of_the_whole_deployment(
-    launch: Any, pairing: Pairing, redis_socket: Path | None, tmp_path: Path
+    launch: Any, pairing: Pairing, external_engine: EngineServer | None, tmp_path: Path
 ) -> None:
-    # With the embedded engine this needs persist=1; Redis keeps it anyway.
-    url = default_state_url(redis_socket) or "local://persisted?persist=1"
+    # With the embedded engine this needs persist=1; Redis and PostgreSQL keep it anyway.
+    url = default_state_url(external_engine) or "local://persisted?persist=1"
     # persist=1 keeps its files on disk, beside the secrets: the runtime
     # directory may be emptied meanwhile (systemd does).
     state_home = tmp_path / "state"
@@ -192,22 +193,22 @@ def test_state_survives_a_restart_of_the_whole_deployment(
 
 
 def test_sessions_survive_a_restart_and_no_state_server_outlives_the_app_server(
-    launch: Any, pairing: Pairing, redis_socket: Path | None, tmp_path: Path
+    launch: Any, pairing: Pairing, external_engine: EngineServer | None, tmp_path: Path
 ) -> None:
     """With default settings, the embedded state server leaves with the app
     server, and the restarted deployment accepts the cookies it issued
     before: its SECRET_KEY outlives the app server and the state server,
     even when the runtime directory is emptied (as systemd does)."""
-    url = default_state_url(redis_socket)  # the embedded default, or one Redis namespace
+    url = default_state_url(external_engine)  # the embedded default, or one app in the engine
     state_home = tmp_path / "state"
     state_home.mkdir(mode=0o700)
     first = launch(state_url=url, state_home=state_home)
     with httpx.Client(base_url=first.url) as client:
         assert [client.get("/session").json()["visits"] for _ in range(3)] == [1, 2, 3]
         cookies = dict(client.cookies)
-    # The embedded default starts one; with Redis there is none to start.
+    # The embedded default starts one; with an external engine there is none to start.
     servers = first.state_servers()
-    assert len(servers) == (0 if pairing.redis else 1), f"state servers: {servers}"
+    assert len(servers) == (0 if pairing.external else 1), f"state servers: {servers}"
     assert first.stop() == 0, first.explain("the app server did not stop cleanly")  # SIGTERM
     first.wait_for_state_servers_to_leave()
     second = launch(state_url=url, state_home=state_home)  # a new, empty runtime directory
@@ -302,9 +303,11 @@ def test_two_app_servers_share_one_state_and_both_give_503s_while_it_is_down(
             assert "unavailable" in r.json()["error"]
     assert time.monotonic() - started < 10, "503s must come promptly"
     explicit_state.start()
-    # Workers reconnect by themselves; the state died with the old server.
+    # Workers reconnect by themselves; the state died with the old server,
+    # unless it is PostgreSQL's, which keeps what it committed.
     a = hammer(first.url, "/increment", 20, 4)
     b = hammer(second.url, "/increment", 20, 4)
     for d, outcome in ((first, a), (second, b)):
         assert {s for s, _ in outcome.replies} == {200}, d.explain(str(outcome.replies[:3]))
-    assert sorted(body["count"] for body in a.ok + b.ok) == list(range(1, 41))
+    kept = 200 if explicit_state.durable else 0
+    assert sorted(body["count"] for body in a.ok + b.ok) == list(range(kept + 1, kept + 41))

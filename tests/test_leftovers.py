@@ -2,7 +2,8 @@
 
 An inner pytest run starts what the suite starts (a deployment: gunicorn with
 4 workers and the embedded state server they start; an explicit state server;
-a redis-server; a state server the test process starts itself; a test's own
+a redis-server; a PostgreSQL server and its processes, each in a session of
+its own; a state server the test process starts itself; a test's own
 ``Popen``), says so, and hangs; it is then SIGKILLed, as a CI timeout or
 ``kill -9`` would, with no teardown at all. Everything it started must be gone
 soon after (shared_core.testing's watchdog). Run for one pairing: it checks
@@ -44,7 +45,8 @@ INNER = textwrap.dedent(
     import psutil
 
     from shared_core import SharedState
-    from shared_core.testing import RedisServer, StateServer, private_dir, wait_for
+    from shared_core.testing import (
+        PostgresServer, RedisServer, StateServer, private_dir, wait_for)
     from tests.harness import Pairing, start
 
     def test_start_everything_then_hang(tmp_path):
@@ -62,6 +64,9 @@ INNER = textwrap.dedent(
             "embedded state server": [p.pid for p in embedded],
             "explicit state server": [StateServer(private_dir("st-")).start().proc.pid],
             "redis-server": [RedisServer(private_dir("redis-")).start().proc.pid],
+            "postgres": [
+                p.pid for p in PostgresServer(Path(os.environ["POSTGRES_DIR"])).start().processes()
+            ],
             "the test's own state server": [own.info()["pid"]],
             "the test's own Popen": [raw.pid],
         }
@@ -74,12 +79,15 @@ INNER = textwrap.dedent(
 )
 
 
-@pytest.mark.only(framework="flask", server="gunicorn", worker="", redis=False)
+@pytest.mark.only(framework="flask", server="gunicorn", worker="", engine="embedded")
 def test_a_killed_run_leaves_nothing_running(pairing: Pairing, tmp_path: Path) -> None:
     (tmp_path / "test_inner.py").write_text(INNER)
     (tmp_path / "pytest.ini").write_text("[pytest]\n")  # the inner run's rootdir, no settings
     ready = tmp_path / "ready.json"
     runtime = private_dir("kr-")
+    # Not below ``runtime``: as root, PostgreSQL runs as another user, who
+    # must get through the directories above its own.
+    postgres_dir = private_dir("kp-")
     env = dict(
         os.environ,
         PAIRING=pairing.name,
@@ -87,6 +95,7 @@ def test_a_killed_run_leaves_nothing_running(pairing: Pairing, tmp_path: Path) -
         PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
         XDG_RUNTIME_DIR=str(runtime),
         XDG_STATE_HOME=str(runtime / "state"),
+        POSTGRES_DIR=str(postgres_dir),
     )
     log = tmp_path / "inner.log"
     with open(log, "wb") as out:
@@ -135,3 +144,4 @@ def test_a_killed_run_leaves_nothing_running(pairing: Pairing, tmp_path: Path) -
                 leftovers.append(psutil.Process(pid))
         kill_and_wait(leftovers)
         shutil.rmtree(runtime, ignore_errors=True)
+        shutil.rmtree(postgres_dir, ignore_errors=True)

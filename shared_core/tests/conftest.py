@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from shared_core import AsyncSharedState, SharedState
-from shared_core.testing import IsolatedState, RedisServer, state_servers
+from shared_core.testing import IsolatedState, PostgresServer, RedisServer, state_servers
 
 
 def server_processes(app: str) -> list[psutil.Process]:
@@ -70,19 +70,32 @@ def manager_url(app: str) -> str:
     return f"local://{app}?linger=1"
 
 
-@pytest.fixture(params=["manager", "redis"])
+ENGINES = ["manager", "redis", "postgres"]
+
+
+@pytest.fixture(params=ENGINES)
 def engine(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def url(engine: str, app: str, request: pytest.FixtureRequest) -> str:
-    """A URL of each engine in turn: the contract is the same on both."""
+def engine_url(engine: str, app: str, request: pytest.FixtureRequest, **query: object) -> str:
+    """A URL of ``engine`` for ``app``: the embedded server, the session's
+    redis-server or the session's PostgreSQL."""
     if engine == "manager":
         # The server outlives short idle gaps on a loaded machine; it is killed
         # at teardown (the exit rule has tests of its own, with manager_url).
-        return f"local://{app}?linger=10"
-    return redis_url(request.getfixturevalue("redis_socket"), app, lock_lease=LOCK_LEASE)
+        return f"local://{app}?" + "&".join(f"{k}={v}" for k, v in {"linger": 10, **query}.items())
+    if engine == "redis":
+        sock = request.getfixturevalue("redis_socket")
+        return redis_url(sock, app, **{"lock_lease": LOCK_LEASE, **query})
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.url(app, **query)
+
+
+@pytest.fixture
+def url(engine: str, app: str, request: pytest.FixtureRequest) -> str:
+    """A URL of each engine in turn: the contract is the same on all three."""
+    return engine_url(engine, app, request)
 
 
 class AsyncAdapter:

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import server_processes
 from shared_core import AsyncSharedState, SharedState
-from shared_core.testing import RedisServer, kill_and_wait, wait_for
+from shared_core.testing import PostgresServer, RedisServer, kill_and_wait, wait_for
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -121,10 +121,14 @@ def test_an_async_subscription_whose_on_connect_fails_unsubscribes(url: str) -> 
 def test_a_subscriber_resubscribes_after_the_server_restarts(
     engine: str, url: str, app: str, runtime_dir: Any
 ) -> None:
-    redis = None
+    # An external server of the test's own, to kill.
+    server: RedisServer | PostgresServer | None = None
     if engine == "redis":
-        redis = RedisServer(runtime_dir).start()
-        url = f"redis+unix://{redis.socket}?app={app}"
+        server = redis = RedisServer(runtime_dir).start()
+        url = redis.url(app)
+    elif engine == "postgres":
+        server = postgres = PostgresServer(runtime_dir).start()
+        url = postgres.url(app)
     state = SharedState(url)
     got: list[Any] = []
     connects: list[float] = []
@@ -133,9 +137,9 @@ def test_a_subscriber_resubscribes_after_the_server_restarts(
     )
     try:
         assert len(connects) == 1
-        if redis is not None:
-            redis.kill()
-            redis.start()
+        if server is not None:
+            server.kill()
+            server.start()
         else:
             kill_and_wait(server_processes(app))
         # It comes back by itself, says so, and hears what is published next.
@@ -144,5 +148,5 @@ def test_a_subscriber_resubscribes_after_the_server_restarts(
         wait_for(lambda: "after" in got, 10, "the message after the restart")
     finally:
         sub.close()
-        if redis is not None:
-            redis.stop()
+        if server is not None:
+            server.stop()

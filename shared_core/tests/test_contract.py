@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from conftest import redis_url
+from conftest import engine_url
 from shared_core import LockTimeout, SharedState, StateError
 
 
@@ -32,7 +32,7 @@ VALUES = [
     [1, [2, "3"]],
     {"a": {"b": [1, 2.5, None]}},
 ]
-# What needs pickle: the manager engine's, or Redis with ?serializer=pickle.
+# What needs pickle: the manager engine's, or Redis and PostgreSQL with ?serializer=pickle.
 PICKLED_ONLY = [b"\x00bytes", (1, "a"), {1, 2}, {1: "int key"}, Point(1, 2)]
 
 
@@ -45,9 +45,9 @@ def test_set_get_round_trips_the_value(state: Any, value: object) -> None:
 
 @pytest.mark.parametrize("value", PICKLED_ONLY, ids=repr)
 def test_values_beyond_json(state: Any, engine: str, value: object) -> None:
-    if engine == "redis":
-        # A shared Redis may hold bytes written by anyone: no unpickling
-        # unless asked for, and no silent change of type either.
+    if engine != "manager":
+        # A shared Redis or database may hold bytes written by anyone: no
+        # unpickling unless asked for, and no silent change of type either.
         with pytest.raises(TypeError, match="cannot store"):
             state.set("k", value)
         assert state.get("k") is None
@@ -57,15 +57,18 @@ def test_values_beyond_json(state: Any, engine: str, value: object) -> None:
         assert type(state.get("k")) is type(value)
 
 
+@pytest.mark.parametrize("engine", ["redis", "postgres"])
 @pytest.mark.parametrize("value", PICKLED_ONLY, ids=repr)
-def test_redis_round_trips_pickles_by_opt_in(redis_socket: str, app: str, value: object) -> None:
-    state = SharedState(redis_url(redis_socket, app, serializer="pickle"))
+def test_pickles_by_opt_in(
+    engine: str, app: str, request: pytest.FixtureRequest, value: object
+) -> None:
+    state = SharedState(engine_url(engine, app, request, serializer="pickle"))
     state.set("k", value)
     assert state.get("k") == value
     assert type(state.get("k")) is type(value)
     # A client that did not opt in refuses to unpickle it.
     with pytest.raises(StateError, match="serializer=pickle"):
-        SharedState(redis_url(redis_socket, app)).get("k")
+        SharedState(engine_url(engine, app, request)).get("k")
 
 
 def test_get_missing_returns_default(state: Any) -> None:

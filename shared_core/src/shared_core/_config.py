@@ -12,6 +12,10 @@ One URL selects everything. The forms are:
 ``redis://HOST:PORT/DB``, ``rediss://...``, ``redis+unix:///path/redis.sock``
     The Redis engine (needs the ``redis`` extra); keys live under
     ``shared_core:APP:``.
+``postgresql://USER@HOST:PORT/DB``, ``postgres://...`` (libpq's URI form; a
+Unix socket directory as ``?host=/run/postgresql``)
+    The PostgreSQL engine (needs the ``postgres`` extra); tables live in the
+    schema ``shared_core_APP``.
 
 Query parameters: ``linger`` (seconds an auto-started server stays without
 clients), ``connect_timeout``, ``op_timeout``, ``allow_remote`` (server only),
@@ -19,15 +23,17 @@ clients), ``connect_timeout``, ``op_timeout``, ``allow_remote`` (server only),
 (the append-only log, with ``persist``), ``max_keys`` and
 ``eviction`` (a bound on the embedded store), ``data_dir`` (where the embedded
 server keeps the deployment's secrets), ``max_connections`` (per client,
-for its threads: 8 to the embedded server, 50 to Redis); for Redis also ``app``,
-``serializer`` (``json`` or ``pickle``) and ``lock_lease``. Other query
-parameters of a Redis URL go to redis-py.
+for its threads: 8 to the embedded server, 50 to Redis, 10 to PostgreSQL); for
+Redis and PostgreSQL also ``app`` and ``serializer`` (``json`` or ``pickle``),
+for Redis ``lock_lease``. Other query parameters of a Redis URL go to redis-py,
+of a PostgreSQL URL to libpq.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import math
 import os
 import re
 import secrets
@@ -55,6 +61,8 @@ DEFAULT_LOCK_LEASE = 30.0
 DEFAULT_MAX_CONNECTIONS = 8
 # redis-py's blocking pool: Redis serves connections on an event loop.
 DEFAULT_REDIS_MAX_CONNECTIONS = 50
+# psycopg's pool; a PostgreSQL server runs a process per connection.
+DEFAULT_POSTGRES_MAX_CONNECTIONS = 10
 DEFAULT_SNAPSHOT_INTERVAL = 5.0
 DEFAULT_LOG_LIMIT = 64 * 1024 * 1024  # bytes of log before it is compacted (Redis: 64mb)
 FSYNC_POLICIES = ("always", "everysec", "no")
@@ -62,6 +70,7 @@ SNAPSHOT_NAME = "snapshot.json"
 SECRETS_NAME = "secrets.json"
 EVICTION_POLICIES = ("volatile-lru", "allkeys-lru", "noeviction")
 REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
+POSTGRES_SCHEMES = ("postgresql", "postgres")
 _OURS = {
     "linger",
     "connect_timeout",
@@ -91,8 +100,9 @@ class Config:
     """Everything a client or a server needs to know, resolved from one URL."""
 
     url: str
-    scheme: str  # "local", "unix", "tcp", or one of REDIS_SCHEMES
-    address: str | tuple[str, int]  # for Redis: the URL handed to redis-py
+    scheme: str  # "local", "unix", "tcp", or one of REDIS_SCHEMES, POSTGRES_SCHEMES
+    # For Redis: the URL handed to redis-py; for PostgreSQL: libpq's conninfo.
+    address: str | tuple[str, int]
     state_dir: Path | None  # private directory of a local or unix server
     autostart: bool
     linger: float
@@ -100,7 +110,7 @@ class Config:
     op_timeout: float
     allow_remote: bool
     app: str = DEFAULT_APP
-    serializer: str = "json"  # Redis only: "json", or "pickle" by opt-in
+    serializer: str = "json"  # Redis and PostgreSQL: "json", or "pickle" by opt-in
     lock_lease: float = DEFAULT_LOCK_LEASE  # Redis only
     snapshot: Path | None = None  # manager only: where the state is persisted
     snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL
@@ -119,6 +129,15 @@ class Config:
     @property
     def is_redis(self) -> bool:
         return self.scheme in REDIS_SCHEMES
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.scheme in POSTGRES_SCHEMES
+
+    @property
+    def is_external(self) -> bool:
+        """Redis or PostgreSQL: a server this package neither starts nor owns."""
+        return self.is_redis or self.is_postgres
 
     @property
     def family(self) -> str:
@@ -303,10 +322,18 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
             address = f"unix://{parts.path}" + (f"?{urlencode(rest)}" if rest else "")
         else:
             address = urlunsplit((scheme, parts.netloc, parts.path, urlencode(rest), ""))
+    elif scheme in POSTGRES_SCHEMES:
+        name = query.get("app", [name])[-1]
+        rest = [(k, v) for k, vs in query.items() if k not in _OURS for v in vs]
+        if "connect_timeout" not in dict(rest):
+            # libpq's own bound on one connection attempt (whole seconds, at least 2).
+            rest.append(("connect_timeout", str(max(2, math.ceil(connect_timeout)))))
+        address = urlunsplit((scheme, parts.netloc, parts.path, urlencode(rest), ""))
     else:
         raise ConfigError(
             f"unsupported state URL {url!r}: use local://APP, unix:///PATH, "
-            "tcp://HOST:PORT, redis://HOST:PORT, rediss://... or redis+unix:///PATH"
+            "tcp://HOST:PORT, redis://HOST:PORT, rediss://..., redis+unix:///PATH "
+            "or postgresql://..."
         )
     if not _APP_RE.match(name):
         raise ConfigError(f"app name {name!r} must match {_APP_RE.pattern}")
@@ -329,12 +356,13 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         snapshot = home / SNAPSHOT_NAME
     elif persist not in ("", "0", "false", "no"):
         raise ConfigError(f"persist={persist!r}: use 1 or an absolute path")
-    if scheme in REDIS_SCHEMES and (
+    if scheme in REDIS_SCHEMES + POSTGRES_SCHEMES and (
         snapshot is not None or max_keys is not None or data_dir_arg or fsync is not None
     ):
         raise ConfigError(
             "persist=, fsync=, max_keys= and data_dir= are for the embedded engine; "
-            "Redis has its own persistence (appendonly, appendfsync) and maxmemory settings"
+            "Redis has its own persistence (appendonly, appendfsync) and maxmemory "
+            "settings, and PostgreSQL's writes are durable"
         )
     if fsync is not None and snapshot is None:
         raise ConfigError(

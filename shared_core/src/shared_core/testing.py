@@ -9,6 +9,7 @@ needs ``pip install "shared-core[testing]"``:
   started under it is stopped at teardown.
 - ``state_server``: an explicit ``python -m shared_core serve`` on a Unix socket.
 - ``redis_server``: a real ``redis-server`` on a Unix socket, one per session.
+- ``postgres_server``: a real PostgreSQL server on a Unix socket, one per session.
 
 Servers started by a test run end with it, however it ends (a CI timeout, a
 second Ctrl-C, ``kill -9`` of pytest): see "tying servers to the test run"
@@ -22,6 +23,8 @@ The helpers work without pytest too:
 
 >>> with RedisServer(workdir) as redis:
 ...     state = SharedState(f"redis+unix://{redis.socket}?app=test")
+>>> with PostgresServer(workdir) as postgres:
+...     state = SharedState(postgres.url("test"))
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import faulthandler
+import glob
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -55,12 +60,14 @@ T = TypeVar("T")
 __all__ = [
     "RUN_VARIABLE",
     "IsolatedState",
+    "PostgresServer",
     "RedisServer",
     "StateServer",
     "free_port",
     "isolated_state",
     "kill_and_wait",
     "pids_alive",
+    "postgres_server",
     "private_dir",
     "redis_server",
     "run_processes",
@@ -511,6 +518,8 @@ def spawn(
     cwd: Path | str | None = None,
     stdout: int | IO[bytes] | None = None,
     stderr: int | IO[bytes] | None = None,
+    user: int | None = None,
+    group: int | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a long-lived server for tests: in a session of its own, and ended
     with the test run however the run ends.
@@ -518,13 +527,23 @@ def spawn(
     In its own session, a Ctrl-C meant for pytest does not reach it (its
     fixture stops it), and ``os.killpg(proc.pid, ...)`` reaches all it forked.
     ``env`` (default: this process's environment) gets the run's marker.
+    ``user`` and ``group`` (root only) run it as that uid and gid, without
+    this process's supplementary groups.
     """
     run = _current_run()
     env = dict(os.environ if env is None else env)
     if run is not None:
         env[RUN_VARIABLE] = run.marker
     proc = subprocess.Popen(
-        cmd, env=env, cwd=cwd, stdout=stdout, stderr=stderr, start_new_session=True
+        cmd,
+        env=env,
+        cwd=cwd,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,
+        user=user,
+        group=group,
+        extra_groups=None if user is None else [],
     )
     if run is not None:
         run.register(proc.pid)
@@ -673,6 +692,208 @@ class RedisServer(_Server):
         return f"redis+unix://{self.socket}?" + urlencode({"app": app, **query})
 
 
+class PostgresServer(_Server):
+    """A real PostgreSQL server on a Unix socket in ``workdir``, its data in
+    ``workdir/data`` (made by ``initdb`` on the first start), its log in
+    ``workdir/postgres.log``. The user ``postgres`` logs in without a password.
+
+    Run as root, initdb and postgres run as the user ``postgres`` (Debian's
+    package makes it), else ``nobody``, which gets ``workdir``: the
+    directories above it must let others through, as ``private_dir``'s do.
+
+    Parameters:
+        workdir: a private directory for the socket, the data and the log;
+            keep its path short (a Unix socket path has at most 107 bytes).
+        port: also listen on this TCP port of 127.0.0.1 (0: no TCP, and the
+            socket is named after the default port, 5432).
+    """
+
+    def __init__(self, workdir: Path, port: int = 0) -> None:
+        self.workdir = workdir
+        self.tcp = port != 0
+        self.port = port or 5432
+        self.data = workdir / "data"
+        self.log = workdir / "postgres.log"
+
+    @property
+    def socket_dir(self) -> Path:
+        """The directory of the socket: libpq's ``host``."""
+        return self.workdir
+
+    @property
+    def socket(self) -> Path:
+        """The socket itself, ``.s.PGSQL.<port>``."""
+        return self.workdir / f".s.PGSQL.{self.port}"
+
+    def start(self, timeout: float = 60) -> PostgresServer:
+        """Start it (again) and wait until it lets clients in (after a kill,
+        once crash recovery is over); RuntimeError if PostgreSQL is not installed."""
+        bin_dir = _postgres_bin_dir()
+        owner = _postgres_owner()
+        if not (self.data / "PG_VERSION").exists():
+            self._initdb(bin_dir, owner)
+        uid, gid = owner or (None, None)
+        with open(self.log, "ab") as log:
+            self.proc = proc = spawn(
+                [str(bin_dir / "postgres"), "-D", str(self.data)],
+                cwd=self.workdir,  # readable by the server's user (it looks up its own path)
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                user=uid,
+                group=gid,
+            )
+        wait_for(
+            lambda: proc.poll() is not None or _accepts_logins(bin_dir, self), timeout, "postgres"
+        )
+        if proc.poll() is not None:
+            raise RuntimeError(f"postgres exited with {proc.returncode}:\n{self._log_tail()}")
+        return self
+
+    def _initdb(self, bin_dir: Path, owner: tuple[int, int] | None) -> None:
+        shutil.rmtree(self.data, ignore_errors=True)  # what a failed initdb left
+        if owner is not None:
+            os.chown(self.workdir, *owner)
+        uid, gid = owner or (None, None)
+        with open(self.log, "ab") as log:
+            done = subprocess.run(
+                [str(bin_dir / "initdb"), "-D", str(self.data), "-U", "postgres",
+                 "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync",
+                 "--no-instructions"],
+                cwd=self.workdir,
+                env={**os.environ, "TZ": "UTC"},  # spares initdb its search of the zone files
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                user=uid,
+                group=gid,
+                extra_groups=None if uid is None else [],
+                timeout=120,
+                check=False,
+            )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb exited with {done.returncode}:\n{self._log_tail()}")
+        quoted = str(self.workdir).replace("'", "''")
+        settings = [
+            f"listen_addresses = '{'127.0.0.1' if self.tcp else ''}'",
+            f"port = {self.port}",
+            f"unix_socket_directories = '{quoted}'",
+            # Faster, and a crash of the server loses nothing committed:
+            # each commit still writes its WAL, which stays in the kernel's
+            # page cache; only a crash of the machine would lose it.
+            "fsync = off",
+            "full_page_writes = off",
+            # The suite's 4 workers have a pool each per deployment, and the
+            # chaos tests start 16 workers at once.
+            "max_connections = 300",
+            "shared_buffers = 16MB",
+        ]
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write("\n# shared_core.testing.PostgresServer\n" + "\n".join(settings) + "\n")
+
+    def _log_tail(self) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
+        except OSError:
+            return "(no log)"
+
+    def kill(self) -> None:
+        """SIGKILL the server and every process it forked, as a crash would,
+        and wait until all are gone (a restart refuses to start while one
+        still holds the old shared memory).
+
+        Its processes each start a session of their own: they are found as
+        its children (``processes``), while it is stopped so that it forks
+        no other.
+        """
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGSTOP)
+            kill_and_wait(self.processes(), 10)
+        self.proc.wait()
+
+    def processes(self) -> list[psutil.Process]:
+        """The server's live processes: the postmaster first, then those it
+        forked (a backend per connection, and its helpers), each of which
+        runs in a session of its own. Freezing the server (SIGSTOP) takes
+        all of them: the postmaster alone only holds up new connections."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        try:
+            postmaster = psutil.Process(self.proc.pid)
+            return [postmaster, *postmaster.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        """Stop it cleanly (a fast shutdown: SIGINT); SIGKILL if it has not left after 10 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def url(self, app: str, **query: object) -> str:
+        """A ``postgresql://`` state URL of this server for ``app``, on its socket."""
+        options = {"host": str(self.socket_dir), "port": self.port, "app": app, **query}
+        return "postgresql://postgres@/postgres?" + urlencode(options, safe="/")
+
+
+def _postgres_bin_dir() -> Path:
+    """The directory of PostgreSQL's ``initdb`` and ``postgres``: that of those
+    on PATH, else the newest of Debian's (``/usr/lib/postgresql/N/bin``, not on
+    PATH), else Homebrew's."""
+    candidates = []
+    for name in ("initdb", "postgres"):
+        if found := shutil.which(name):
+            # A symlink (say in /usr/local/bin) to the installation's own directory.
+            candidates += [Path(found).resolve().parent, Path(found).parent]
+    patterns = ("/usr/lib/postgresql/*/bin", "/opt/homebrew/opt/postgresql@*/bin",
+                "/usr/local/opt/postgresql@*/bin")  # fmt: skip
+    for pattern in patterns:
+        candidates += sorted(map(Path, glob.glob(pattern)), key=_version, reverse=True)
+    for directory in candidates:
+        if all(os.access(directory / name, os.X_OK) for name in ("initdb", "postgres")):
+            return directory
+    raise RuntimeError(
+        "PostgreSQL is not installed (Debian: apt-get install postgresql; "
+        "macOS: brew install postgresql@17; or run bash ci/test, which installs it)"
+    )
+
+
+def _version(bin_dir: Path) -> tuple[int, ...]:
+    """The version in a path such as /usr/lib/postgresql/15/bin or .../postgresql@17/bin."""
+    return tuple(int(n) for n in re.findall(r"\d+", bin_dir.parent.name))
+
+
+def _postgres_owner() -> tuple[int, int] | None:
+    """The uid and gid to run initdb and postgres as: this process's (None)
+    unless it is root, which they refuse to run as."""
+    if os.geteuid() != 0:
+        return None
+    import pwd  # POSIX only, as running as root is
+
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            entry = pwd.getpwnam(name)
+            return entry.pw_uid, entry.pw_gid
+    raise RuntimeError("PostgreSQL will not run as root, and there is no user postgres nor nobody")
+
+
+def _accepts_logins(bin_dir: Path, server: PostgresServer) -> bool:
+    """Whether the server lets clients in. A bare connect is not enough: while
+    it starts or recovers from a crash it accepts connections only to refuse
+    them, which ``pg_isready`` tells apart."""
+    ready = subprocess.run(
+        [str(bin_dir / "pg_isready"), "-q", "-t", "5", "-h", str(server.socket_dir),
+         "-p", str(server.port), "-U", "postgres", "-d", "postgres"],
+        check=False,
+    )  # fmt: skip
+    return ready.returncode == 0
+
+
 # --- the pytest plugin -----------------------------------------------------------
 
 
@@ -793,6 +1014,18 @@ def redis_server() -> Iterator[RedisServer]:
     workdir = private_dir("redis-")
     try:
         with RedisServer(workdir) as server:
+            yield server
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the whole session (``.url(app)``, ``.socket_dir``);
+    fails the tests that use it when PostgreSQL is not installed."""
+    workdir = private_dir("pg-")
+    try:
+        with PostgresServer(workdir) as server:
             yield server
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

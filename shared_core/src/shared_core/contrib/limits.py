@@ -25,7 +25,8 @@ URIs (prefix each with ``async+`` for :mod:`limits.aio`):
 ``shared+URL``
     The state at ``URL``, whatever the environment says:
     ``shared+redis://host:6379/0?app=APP``, ``shared+rediss://...``,
-    ``shared+redis+unix:///run/redis.sock?app=APP``, ``shared+local://APP``,
+    ``shared+redis+unix:///run/redis.sock?app=APP``, ``shared+postgresql://db/app?app=APP``,
+    ``shared+local://APP``,
     ``shared+unix:///run/app/state.sock``, ``shared+tcp://127.0.0.1:7000``.
     The query is the state URL's own (``app``, ``connect_timeout``, ...).
 
@@ -120,7 +121,7 @@ __all__ = ["AsyncSharedStorage", "SharedStorage"]
 
 DEFAULT_KEY_PREFIX = "limits"
 # The state URL schemes a shared+ URI may wrap.
-_INNER_SCHEMES = ("local", "unix", "tcp", "redis", "rediss", "redis+unix")
+_INNER_SCHEMES = ("local", "unix", "tcp", "redis", "rediss", "redis+unix", "postgresql", "postgres")
 _SCHEMES = ["shared", *(f"shared+{s}" for s in _INNER_SCHEMES)]
 _ASYNC_SCHEMES = [f"async+{s}" for s in _SCHEMES]
 # Compare-and-set of a moving window: attempts, and the longest pause between two.

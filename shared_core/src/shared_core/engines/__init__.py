@@ -107,6 +107,10 @@ def sync_engine(config: Config) -> Engine:
         from .redis import RedisEngine
 
         return RedisEngine(config)
+    if config.is_postgres:
+        from .postgres import PostgresEngine
+
+        return PostgresEngine(config)
     from .embedded.client import EmbeddedEngine
 
     return EmbeddedEngine(config)
@@ -118,6 +122,10 @@ def async_engine(config: Config) -> AsyncEngine:
         from .redis import AsyncRedisEngine
 
         return AsyncRedisEngine(config)
+    if config.is_postgres:
+        from .postgres import AsyncPostgresEngine
+
+        return AsyncPostgresEngine(config)
     from .embedded.aclient import AsyncEmbeddedEngine
 
     return AsyncEmbeddedEngine(config)
