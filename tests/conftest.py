@@ -151,5 +151,5 @@ def explicit_state(pairing: Pairing) -> Iterator[ExplicitState]:
     try:
         yield state
     finally:
-        state.kill()
+        state.stop()
         shutil.rmtree(workdir, ignore_errors=True)

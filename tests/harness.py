@@ -434,6 +434,11 @@ class ExplicitState:
     def kill(self) -> None:
         self.server.kill()
 
+    def stop(self) -> None:
+        """Stop it cleanly: a killed PostgreSQL that is not started again
+        leaves its shared memory behind."""
+        self.server.stop()
+
 
 # --- requests --------------------------------------------------------------------
 

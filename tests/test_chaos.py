@@ -512,6 +512,7 @@ def test_state_server_frozen_under_load(
         assert engine.proc is not None
         # PostgreSQL's backends serve their connections by themselves: all of them.
         if isinstance(engine, PostgresServer):
+            os.kill(engine.proc.pid, signal.SIGSTOP)  # so that it forks none meanwhile
             frozen = engine.processes()
         else:
             frozen = [psutil.Process(engine.proc.pid)]

@@ -5,6 +5,7 @@ and test_expiry_batch_cas.py, on every engine."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import shutil
@@ -19,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from shared_core import LockTimeout, SharedState, StateError
+from shared_core import AsyncSharedState, LockTimeout, SharedState, StateError, StateUnavailable
 from shared_core.engines.postgres import schema_name
 from shared_core.testing import PostgresServer, wait_for
 
@@ -138,8 +139,11 @@ def test_a_write_blocked_past_op_timeout_raises_and_changes_nothing(
         writer.start()
         writer.join(10)
         assert value == 1
+    # StateUnavailable, as a server that does not answer in time: the apps
+    # answer 503; and nothing was written.
     assert len(errors) == 1, errors
-    assert isinstance(errors[0], LockTimeout), errors
+    assert isinstance(errors[0], StateUnavailable), errors
+    assert "row lock" in str(errors[0])
     assert state.get("k") == 1
 
 
@@ -273,3 +277,63 @@ def test_a_lock_waiting_for_a_connection_counts_it_in_its_timeout(
         assert time.monotonic() - started < 2.0
     with state.lock("b", timeout=5):
         pass
+
+
+def test_a_try_lock_on_a_fresh_state_takes_a_free_lock(url: str) -> None:
+    # Its first connection is still being opened: that is not "all busy".
+    with SharedState(url).lock("free", timeout=0):
+        pass
+
+
+def test_batches_in_opposite_orders_never_deadlock(state: SharedState) -> None:
+    keys = [f"k{i}" for i in range(50)]
+    errors: list[BaseException] = []
+
+    def write(order: list[str]) -> None:
+        try:
+            for _ in range(20):
+                state.set_many({k: 1 for k in order})
+                state.delete_many(order[:10])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(o,)) for o in (keys, keys[::-1]) * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+
+
+def test_a_cancelled_call_gives_its_connection_back(url: str) -> None:
+    async def main() -> None:
+        state = AsyncSharedState(url + "&max_connections=1&connect_timeout=2")
+        holder = SharedState(url)
+        await state.set("k", 0)
+        # The write waits for the mutate's row: it is cancelled meanwhile.
+        with holder.mutate("k"), pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(state.set("k", 1), 0.3)
+        started = time.monotonic()
+        assert await state.incr("n") == 1, "the only connection is back in the pool"
+        assert time.monotonic() - started < 1.0
+        await state.aclose()
+
+    asyncio.run(main())
+
+
+def test_asyncio_run_ends_while_the_pool_is_still_connecting(url: str) -> None:
+    # 20 calls at once grow the pool: connections are still being opened when
+    # the loop ends without aclose(), which psycopg's pool tasks would outlive.
+    async def main() -> None:
+        state = AsyncSharedState(url)
+        await asyncio.gather(*(state.incr("n") for _ in range(20)))
+
+    def runs() -> None:
+        for _ in range(10):
+            asyncio.run(main())
+
+    thread = threading.Thread(target=runs, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "asyncio.run() did not end"
+    assert SharedState(url).get("n") == 200

@@ -41,7 +41,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit, urlunsplit
 
 from ._errors import ConfigError
 
@@ -83,6 +83,11 @@ _OURS = {
     "eviction",
     "data_dir",
     "max_connections",
+    # The embedded engine's: refused or meaningless elsewhere, never passed on.
+    "persist",
+    "snapshot_interval",
+    "fsync",
+    "log_limit",
 }
 
 SOCKET_NAME = "state.sock"
@@ -328,7 +333,10 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         if "connect_timeout" not in dict(rest):
             # libpq's own bound on one connection attempt (whole seconds, at least 2).
             rest.append(("connect_timeout", str(max(2, math.ceil(connect_timeout)))))
-        address = urlunsplit((scheme, parts.netloc, parts.path, urlencode(rest), ""))
+        # quote, not quote_plus: libpq reads "+" as itself, not as a space.
+        address = urlunsplit(
+            (scheme, parts.netloc, parts.path, urlencode(rest, quote_via=quote), "")
+        )
     else:
         raise ConfigError(
             f"unsupported state URL {url!r}: use local://APP, unix:///PATH, "

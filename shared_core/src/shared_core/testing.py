@@ -785,6 +785,8 @@ class PostgresServer(_Server):
             # chaos tests start 16 workers at once.
             "max_connections = 300",
             "shared_buffers = 16MB",
+            # Files in the data directory, which goes with the test, not in /dev/shm.
+            "dynamic_shared_memory_type = mmap",
         ]
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write("\n# shared_core.testing.PostgresServer\n" + "\n".join(settings) + "\n")

@@ -26,9 +26,14 @@ connection dies and PostgreSQL frees the lock at once. Lock waits happen in
 the server, in slices of ``_SLICE`` (``lock_timeout``), so a release wakes
 the next waiter at once and every wait is bounded.
 
-Failures. Connections come from psycopg's pool; one whose socket turned
-readable while idle (the server closed it, or is shutting down) is dropped
-before use, so nothing is sent on a connection known to be dead. A call that fails once
+Failures. Connections come from psycopg's pool (one per event loop for the
+async engine, closed with the loop even without ``aclose()``); one whose
+socket turned readable while idle (the server closed it, or is shutting
+down) is dropped before use, so nothing is sent on a connection known to be
+dead, and a failed connect is not retried with the pool's backoff: the next
+call tries again. A connection whose call was cut short (a timeout, a
+cancellation) is closed, never lent again: PostgreSQL then rolls back what
+it had begun and frees its locks. A call that fails once
 sent is never resent (it may have committed): it raises
 :class:`StateUnavailable`. Each statement is bounded on both sides: the
 server cancels it after ``op_timeout`` (``statement_timeout``,
@@ -59,8 +64,8 @@ try:
     import psycopg
     from psycopg import errors as pgerrors
     from psycopg.conninfo import conninfo_to_dict
-    from psycopg.pq import ExecStatus
-    from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
+    from psycopg.pq import ExecStatus, TransactionStatus
+    from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolClosed, PoolTimeout
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ConfigError(
         "a postgresql:// URL needs psycopg 3 and its pool: pip install 'shared-core[postgres]'"
@@ -70,6 +75,8 @@ T = TypeVar("T")
 Row = tuple[Any, ...]
 
 _ROWS = ExecStatus.TUPLES_OK  # cheaper to test than cursor.description
+_IDLE = TransactionStatus.IDLE
+_ATTEMPTS = 3  # a statement PostgreSQL rolled back to end a deadlock is sent again
 _SLICE = 0.5  # seconds: the longest lock wait in one statement
 _SWEEP_EVERY = 30.0  # seconds between a process's sweeps of expired rows
 _SWEEP_BATCH = 1000
@@ -79,6 +86,11 @@ _MAX_TTL = 1e12  # seconds (31,700 years): what a timestamptz deadline can hold
 _INT64 = (-(2**63), 2**63 - 1)
 _STATEMENT_GRACE_MS = 250  # past op_timeout: a row lock's wait times out first
 _RECONNECT_TIMEOUT = 0.05  # seconds a pool retries a failed connect
+# A wait for a connection asks the pool again this often: psycopg's pool starts
+# a new attempt for a new request only, not for one waiting since the last
+# attempt gave up (a server that was frozen, then resumed).
+_ASK_AGAIN = 0.25
+_CLOSE_TIMEOUT = 1.0  # seconds a loop's end waits for its pool's tasks
 _REPLY_GRACE = 1.0  # seconds the client waits past op_timeout for the server's answer
 _SCHEMA_VERSION = 1
 # The schema is missing (first use, or dropped): create it and send again,
@@ -107,8 +119,10 @@ def _channel_id(schema: str, channel: str) -> str:
     return "sc_" + hashlib.blake2b(f"{schema}\0{channel}".encode(), digest_size=16).hexdigest()
 
 
-_LIVE = "(expires IS NULL OR expires > now())"
-_DEADLINE = "now() + %s::float8 * interval '1 second'"
+# clock_timestamp(), not now(): a statement that waited for a row (behind a
+# mutate) judges expiry, and sets deadlines, at the time it writes.
+_LIVE = "(expires IS NULL OR expires > clock_timestamp())"
+_DEADLINE = "clock_timestamp() + %s::float8 * interval '1 second'"
 
 
 def _setup(s: str, seq: str) -> str:
@@ -269,11 +283,12 @@ class _Sql:
         upsert = (
             f"INSERT INTO {s}.kv AS t (key, num, data, version, expires) "
             f"SELECT k, n, d, {nextval}, {_DEADLINE} "
-            "FROM unnest(%s::text[], %s::bigint[], %s::bytea[]) AS u(k, n, d) "
+            # In key order, as every batch locks its rows: two batches never deadlock.
+            "FROM unnest(%s::text[], %s::bigint[], %s::bytea[]) AS u(k, n, d) ORDER BY k "
             "ON CONFLICT (key) DO UPDATE SET num = EXCLUDED.num, data = EXCLUDED.data, "
             "version = EXCLUDED.version, expires = EXCLUDED.expires"
         )
-        expired = "t.expires <= now()"
+        expired = "t.expires <= clock_timestamp()"
         self._get = f"SELECT num, data FROM {s}.kv WHERE key = %s AND {_LIVE}"
         self._get_versioned = f"SELECT num, data, version FROM {s}.kv WHERE key = %s AND {_LIVE}"
         self._get_many = f"SELECT key, num, data FROM {s}.kv WHERE key = ANY(%s) AND {_LIVE}"
@@ -292,7 +307,8 @@ class _Sql:
         self._delete = f"DELETE FROM {s}.kv WHERE key = %s AND {_LIVE} RETURNING 1"
         # An expired row goes too, uncounted.
         self._delete_many = (
-            f"WITH d AS (DELETE FROM {s}.kv WHERE key = ANY(%s) RETURNING {_LIVE} AS live) "
+            f"WITH o AS (SELECT key FROM {s}.kv WHERE key = ANY(%s) ORDER BY key FOR UPDATE), "
+            f"d AS (DELETE FROM {s}.kv t USING o WHERE t.key = o.key RETURNING {_LIVE} AS live) "
             "SELECT count(*) FILTER (WHERE live) FROM d"
         )
         # A live non-int leaves both columns null: the CHECK refuses it, and
@@ -365,10 +381,7 @@ class _Sql:
             "version = EXCLUDED.version, "
             "expires = CASE WHEN t.expires > clock_timestamp() THEN t.expires END"
         )
-        self.subscribe = (
-            f"INSERT INTO {s}.subscribers SELECT unnest(%s::text[]), pg_backend_pid() "
-            "ON CONFLICT DO NOTHING"
-        )
+        self.subscribe = f"INSERT INTO {s}.subscribers"
         self.unsubscribe = f"DELETE FROM {s}.subscribers WHERE pid = pg_backend_pid()"
         self.messages = f"SELECT id, data FROM {s}.messages WHERE id = ANY(%s)"
         self.where = _where(config)
@@ -522,11 +535,13 @@ class _Sql:
                 "and was cancelled: nothing changed: ",
             )
         if isinstance(exc, pgerrors.LockNotAvailable):
-            return LockTimeout(
-                f"{name}{subject} waited op_timeout ({self.config.op_timeout:g}s) for a "
-                "mutate() of the key to end (on PostgreSQL a mutate holds its key's row); "
-                "nothing changed"
+            return self.unavailable(
+                exc,
+                f"{name}{subject} waited op_timeout ({self.config.op_timeout:g}s) for a row "
+                "lock (a mutate() of the key holds its row until it commits); nothing changed: ",
             )
+        if isinstance(exc, pgerrors.TransactionRollback):
+            return self.unavailable(exc, f"{name}{subject} was rolled back: nothing changed: ")
         if isinstance(exc, psycopg.OperationalError):
             return self.unavailable(exc)
         if isinstance(exc, pgerrors.CheckViolation) and name == "incr":
@@ -556,8 +571,9 @@ def _idle_but_readable(conn: psycopg.BaseConnection[Any]) -> bool:
     it or is about to (a restart, a shutdown, an administrator's kill)."""
     if conn.closed:
         return True
-    readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
-    return bool(readable)
+    poller = select.poll()  # select.select() refuses a descriptor past 1023
+    poller.register(conn.pgconn.socket, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class _Connection(psycopg.Connection[Any]):
@@ -641,14 +657,19 @@ class _Engine:
         self._settings = _settings(config)
         _ENGINES.add(self)
 
-    def _no_connection(self, exc: Exception, bound: float) -> Exception:
-        """Every connection stayed busy: a lock's own timeout ran out first
-        (LockTimeout), or connect_timeout did (StateUnavailable)."""
-        if bound < self.config.connect_timeout:
-            return LockTimeout(
-                f"no connection was free within the timeout (max_connections): {exc}"
-            )
-        return self.sql.failure(exc, None)
+    def _no_connection(
+        self, exc: Exception, pool: Any, deadline: float | None, until: float
+    ) -> Exception:
+        """No connection came: every one stayed lent out past a lock's own
+        timeout (LockTimeout), or none came within connect_timeout."""
+        if deadline is not None and _exhausted(pool) and time.monotonic() < until:
+            return LockTimeout(f"no connection free within the timeout: {exc}")
+        stats = pool.get_stats()
+        return self.sql.unavailable(
+            exc,
+            f"no connection within {self.config.connect_timeout:g}s "
+            f"({stats['pool_size']} open of {pool.max_size}, {stats['pool_available']} idle): ",
+        )
 
     def _sweep_due(self) -> bool:
         now = time.monotonic()
@@ -659,9 +680,12 @@ class _Engine:
 
     def _slice_ms(self, deadline: float | None) -> int:
         """The next lock wait: a slice, or what is left until ``deadline``."""
+        # Within op_timeout, so that the server's statement_timeout never
+        # cuts a slice short.
+        slice_ms = round(min(_SLICE, self.config.op_timeout) * 1000)
         if deadline is None:
-            return round(_SLICE * 1000)
-        return max(0, min(round(_SLICE * 1000), math.floor((deadline - time.monotonic()) * 1000)))
+            return slice_ms
+        return max(0, min(slice_ms, math.floor((deadline - time.monotonic()) * 1000)))
 
 
 def _jitter() -> float:
@@ -672,16 +696,17 @@ def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
-def _remaining(deadline: float | None, cap: float) -> float:
-    return cap if deadline is None else max(0.001, min(cap, deadline - time.monotonic()))
-
-
 def _subscriber_channels(sql: _Sql, channels: list[str]) -> dict[str, str]:
     return {sql.channel(name): name for name in channels}
 
 
-def _listen(idents: dict[str, str]) -> str:
-    return "; ".join(f'LISTEN "{ident}"' for ident in idents)
+def _listen(sql: _Sql, idents: dict[str, str]) -> str:
+    """LISTEN to ``idents`` and count this connection among their subscribers,
+    both at the commit: a publish never reaches it uncounted, nor counts it
+    before it hears. (The names are ours, ``sc_`` and hex: no quoting needed.)"""
+    listens = "".join(f'LISTEN "{ident}"; ' for ident in idents)
+    rows = ", ".join(f"('{ident}', pg_backend_pid())" for ident in idents)
+    return f"BEGIN; {listens}{sql.subscribe} VALUES {rows} ON CONFLICT DO NOTHING; COMMIT"
 
 
 class _Subscriber:
@@ -700,6 +725,46 @@ def _decode(payload: str) -> bytes | int:
     if kind == "b":
         return base64.b64decode(body)
     return int(body)
+
+
+def _exhausted(pool: Any) -> bool:
+    """Whether every connection the pool may open is lent out."""
+    stats = pool.get_stats()
+    return bool(stats["pool_size"] >= pool.max_size and stats["pool_available"] == 0)
+
+
+def _until(deadline: float | None, until: float, *, exhausted: bool) -> float:
+    """How long to wait for a connection: up to connect_timeout (``until``);
+    a lock's wait only until its own ``deadline`` when every one is busy
+    (not when one is being opened, as on a first call)."""
+    end = until if deadline is None or not exhausted else min(until, deadline)
+    return max(0.001, end - time.monotonic())
+
+
+def _subscriber_kwargs(config: Config) -> dict[str, Any]:
+    kwargs = _pool_kwargs(config)["kwargs"]
+    return dict(kwargs)
+
+
+def _messages(
+    sql: _Sql,
+    handle: _Subscriber,
+    decoded: list[tuple[str, bytes | int]],
+    bodies: dict[int, bytes],
+) -> list[tuple[str, Raw]]:
+    """The messages of ``decoded``, a big one's body fetched; a body gone
+    (read more than 10 minutes late) breaks the subscription, which then
+    resubscribes and calls ``on_connect`` to catch up."""
+    out: list[tuple[str, Raw]] = []
+    for ident, data in decoded:
+        if isinstance(data, int):
+            if data not in bodies:
+                raise sql.unavailable(
+                    StateError(f"message {data} was gone before it was read"), "a subscriber: "
+                )
+            data = bytes(bodies[data])
+        out.append((handle.idents[ident], data))
+    return out
 
 
 class PostgresEngine(_Engine):
@@ -735,50 +800,81 @@ class PostgresEngine(_Engine):
         return pool
 
     def _getconn(self, deadline: float | None = None) -> Any:
+        """A live connection: within connect_timeout, or (a lock's wait,
+        ``deadline``) within the lock's own timeout when all are busy."""
         pool = self._pool()
-        bound = _remaining(deadline, self.config.connect_timeout)
-        until = time.monotonic() + bound
-        try:
-            while True:
-                conn = pool.getconn(max(0.001, until - time.monotonic()))
-                if not _idle_but_readable(conn):
-                    return conn
-                # Dropped at once (the pool's own check would back off for
-                # seconds between stale connections, after a restart).
-                conn.close()
-                pool.putconn(conn)
-        except PoolTimeout as exc:
-            raise self._no_connection(exc, bound) from exc
+        until = time.monotonic() + self.config.connect_timeout
+        while True:
+            wait = _until(deadline, until, exhausted=_exhausted(pool))
+            try:
+                conn = pool.getconn(min(wait, _ASK_AGAIN))
+            except PoolTimeout as exc:
+                if wait > _ASK_AGAIN:
+                    continue
+                raise self._no_connection(exc, pool, deadline, until) from exc
+            except PoolClosed as exc:
+                raise self.sql.unavailable(exc, "closed: ") from exc
+            if not _idle_but_readable(conn):
+                return conn
+            # Dropped at once (the pool's own check would back off for
+            # seconds between stale connections, after a restart).
+            self._putconn(conn, broken=True)
 
-    def _putconn(self, conn: Any) -> None:
+    def _putconn(self, conn: Any, broken: bool = False) -> None:
+        """Give ``conn`` back; ``broken``: in an unknown state (a call cut
+        short, a lock maybe held), so it is closed, which frees its locks."""
         pool = self._pool_
         if pool is None or conn._pool is not pool:  # forked, or closed meanwhile
             return
+        if broken:
+            conn.close()
         pool.putconn(conn)
 
     def _setup(self, conn: Any) -> None:
         conn.execute(self.sql.setup)
 
     def _execute(self, conn: Any, sql: str, params: Sequence[Any]) -> list[Row]:
-        cur = conn.execute(sql, params)
+        # No parameters: the simple protocol, which takes several statements.
+        cur = conn.execute(sql, params or None)
         return cur.fetchall() if cur.pgresult.status == _ROWS else []
+
+    def _attempts(self, conn: Any, sql: str, params: Sequence[Any]) -> list[Row]:
+        """Run a statement, sending it again only where it surely did not run:
+        the schema was missing (made, then once more), or PostgreSQL rolled
+        it back to end a deadlock."""
+        made = False
+        for attempt in range(_ATTEMPTS):
+            try:
+                return self._execute(conn, sql, params)
+            except _MISSING_SCHEMA:
+                if made:
+                    raise
+                if conn.pgconn.transaction_status != _IDLE:
+                    conn.rollback()  # a statement of several began a transaction
+                self._setup(conn)
+                made = True
+            except pgerrors.TransactionRollback:
+                if attempt == _ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _run(self, op: _Op[T]) -> T:
         conn = self._getconn()
         try:
-            try:
-                rows = self._execute(conn, op.sql, op.params)
-            except _MISSING_SCHEMA:
-                self._setup(conn)
-                rows = self._execute(conn, op.sql, op.params)
+            rows = self._attempts(conn, op.sql, op.params)
         except psycopg.Error as exc:
-            self._putconn(conn)
+            self._putconn(conn, broken=isinstance(exc, psycopg.OperationalError))
             raise self.sql.failure(exc, op) from exc
-        if self._sweep_due():
-            # After the call's own work, which no failure here may undo.
-            with contextlib.suppress(psycopg.Error):
-                conn.execute(self.sql.sweep)
-        self._putconn(conn)
+        except BaseException:
+            self._putconn(conn, broken=True)
+            raise
+        try:
+            if self._sweep_due():
+                # After the call's own work, which no failure here may undo.
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute(self.sql.sweep)
+        finally:
+            self._putconn(conn, broken=conn.pgconn.transaction_status != _IDLE)
         return op.parse(rows)
 
     def get(self, key: str) -> Raw | None:
@@ -850,29 +946,29 @@ class PostgresEngine(_Engine):
             return None
         try:
             while True:
-                try:
-                    rows = self._execute(conn, self.sql.take, (key, self._slice_ms(deadline)))
-                except _MISSING_SCHEMA:
-                    self._setup(conn)
-                    continue
+                rows = self._attempts(conn, self.sql.take, (key, self._slice_ms(deadline)))
                 if rows[0][0]:
-                    held, conn = _Held(conn, key), None
-                    return held
+                    return _Held(conn, key)
                 if deadline is not None and time.monotonic() >= deadline:
+                    self._putconn(conn)
                     return None
         except psycopg.Error as exc:
+            # The lock may have been granted as the call failed: only closing
+            # the connection surely frees it.
+            self._putconn(conn, broken=True)
             raise self.sql.failure(exc, _Op("lock", name, "", (), _nothing)) from exc
-        finally:
-            if conn is not None:
-                self._putconn(conn)
+        except BaseException:
+            self._putconn(conn, broken=True)
+            raise
 
     def lock_release(self, handle: _Held, name: str) -> None:
+        released = False
         try:
             released = self._execute(handle.conn, self.sql.unlock, (handle.key,))[0][0]
         except psycopg.Error as exc:
             raise self.sql.lost(name, exc) from exc
         finally:
-            self._putconn(handle.conn)
+            self._putconn(handle.conn, broken=not released)
         if not released:  # pragma: no cover - the connection held it
             raise StateError(f"lock {name!r} was not held at its release")
 
@@ -880,58 +976,77 @@ class PostgresEngine(_Engine):
         deadline = _deadline(timeout)
         lock_key = self.sql.mutate_key(key)
         conn = self._getconn(deadline)
-        op = _Op("mutate", key, "", (), _nothing)
         try:
-            begun = False
+            rows = self._mutate_begin(conn, lock_key, key, deadline)
             while True:
-                params = (lock_key, key, self._slice_ms(deadline))
-                try:
-                    if not begun:
-                        with conn.pipeline():
-                            conn.execute("BEGIN")
-                            rows = conn.execute(self.sql.begin_mutate, params).fetchall()
-                        begun = True
-                    else:
-                        rows = self._execute(conn, self.sql.begin_mutate, params)
-                except _MISSING_SCHEMA:
-                    conn.rollback()
-                    begun = False
-                    self._setup(conn)
-                    continue
                 ok, raw = self.sql.mutate_begun(key, rows)
                 if ok:
-                    held, conn = _Held(conn, lock_key), None
-                    return held, raw
+                    return _Held(conn, lock_key), raw
                 if deadline is not None and time.monotonic() >= deadline:
+                    self._end(conn)
                     raise LockTimeout(f"mutate({key!r}): another mutation held it for {timeout}s")
+                rows = self._mutate_take(conn, lock_key, key, deadline)
         except psycopg.Error as exc:
-            raise self.sql.failure(exc, op) from exc
-        finally:
-            if conn is not None:
-                self._end(conn)
+            self._putconn(conn, broken=True)
+            raise self.sql.failure(exc, _Op("mutate", key, "", (), _nothing)) from exc
+        except LockTimeout:
+            raise
+        except BaseException:
+            self._putconn(conn, broken=True)
+            raise
+
+    def _mutate_begin(
+        self, conn: Any, lock_key: int, key: str, deadline: float | None
+    ) -> list[Row]:
+        """BEGIN and the first try for the lock, in one round trip."""
+        for made in (False, True):
+            try:
+                with conn.pipeline():
+                    try:
+                        conn.execute("BEGIN")
+                        return self._mutate_take(conn, lock_key, key, deadline)
+                    except psycopg.OperationalError:
+                        conn.close()  # the pipeline's exit would wait for it again
+                        raise
+            except _MISSING_SCHEMA:
+                if made:
+                    raise
+                conn.rollback()
+                self._setup(conn)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _mutate_take(self, conn: Any, lock_key: int, key: str, deadline: float | None) -> list[Row]:
+        params = (lock_key, key, self._slice_ms(deadline))
+        return list(conn.execute(self.sql.begin_mutate, params).fetchall())
 
     def _end(self, conn: Any) -> None:
         """Roll back what ``conn`` has begun, and give it back."""
         try:
-            if not conn.closed:
-                conn.rollback()
-        except psycopg.Error:
-            conn.close()
-        finally:
-            self._putconn(conn)
+            conn.rollback()
+        except BaseException:
+            self._putconn(conn, broken=True)
+            raise
+        self._putconn(conn)
 
     def mutate_end(self, handle: _Held, key: str, raw: Raw | None, commit: bool) -> None:
         conn = handle.conn
-        if not commit or raw is None:
-            self._end(conn)
-            return
         try:
-            with conn.pipeline():
-                conn.execute(self.sql.commit_mutate, self.sql.commit_params(key, raw))
-                conn.execute("COMMIT")
+            if not commit or raw is None:
+                conn.rollback()
+            else:
+                with conn.pipeline():
+                    try:
+                        conn.execute(self.sql.commit_mutate, self.sql.commit_params(key, raw))
+                        conn.execute("COMMIT")
+                    except psycopg.OperationalError:
+                        conn.close()
+                        raise
         except psycopg.Error as exc:
-            self._end(conn)
+            self._putconn(conn, broken=True)
             raise self.sql.failure(exc, _Op("mutate", key, "", (), _nothing)) from exc
+        except BaseException:
+            self._putconn(conn, broken=True)
+            raise
         self._putconn(conn)
 
     # pub/sub --------------------------------------------------------------------------
@@ -939,20 +1054,17 @@ class PostgresEngine(_Engine):
     def subscribe(self, channels: list[str]) -> _Subscriber:
         idents = _subscriber_channels(self.sql, channels)
         try:
-            conn = _Connection.connect(str(self.config.address), autocommit=True)
+            conn = _Connection.connect(str(self.config.address), **_subscriber_kwargs(self.config))
         except psycopg.Error as exc:
             raise self.sql.unavailable(exc) from exc
         conn.reply_timeout = self._reply_timeout
         try:
-            conn.execute(_listen(idents))
-            try:
-                conn.execute(self.sql.subscribe, (list(idents),))
-            except _MISSING_SCHEMA:
-                self._setup(conn)
-                conn.execute(self.sql.subscribe, (list(idents),))
-        except psycopg.Error as exc:
+            self._attempts(conn, _listen(self.sql, idents), ())
+        except BaseException as exc:
             conn.close()
-            raise self.sql.unavailable(exc) from exc
+            if isinstance(exc, psycopg.Error):
+                raise self.sql.unavailable(exc) from exc
+            raise
         return _Subscriber(conn, idents)
 
     def receive(self, handle: _Subscriber, timeout: float) -> list[tuple[str, Raw]]:
@@ -968,10 +1080,7 @@ class PostgresEngine(_Engine):
             )
         except psycopg.Error as exc:
             raise self.sql.unavailable(exc) from exc
-        return [
-            (handle.idents[ident], bytes(bodies.get(d, b"")) if isinstance(d, int) else d)
-            for ident, d in decoded
-        ]
+        return _messages(self.sql, handle, decoded, bodies)
 
     def unsubscribe(self, handle: _Subscriber) -> None:
         try:
@@ -988,16 +1097,31 @@ class PostgresEngine(_Engine):
             pool.close(timeout=self.config.connect_timeout)
 
 
+async def _close_when_cancelled(pool: AsyncConnectionPool[Any]) -> None:
+    """Wait until cancelled (``asyncio.run`` ending its loop), then close ``pool``.
+
+    psycopg's pool tasks swallow a cancellation that comes while they connect,
+    so a loop ended with a pool still open would wait for them for ever; the
+    pool's own close stops them."""
+    try:
+        await asyncio.get_running_loop().create_future()
+    finally:
+        with contextlib.suppress(Exception):
+            await pool.close(timeout=_CLOSE_TIMEOUT)
+
+
 class AsyncPostgresEngine(_Engine):
     """Async client on psycopg's async pool, one pool per event loop."""
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self._pools: dict[asyncio.AbstractEventLoop, AsyncConnectionPool[Any]] = {}
+        self._guards: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
 
     def _forget(self) -> None:
-        _INHERITED.append(self._pools)
+        _INHERITED.append((self._pools, self._guards))
         self._pools = {}
+        self._guards = {}
 
     async def _configure(self, conn: Any) -> None:
         conn.reply_timeout = self._reply_timeout
@@ -1016,26 +1140,33 @@ class AsyncPostgresEngine(_Engine):
             )
             self._pools[loop] = pool
             await pool.open(wait=False)
+            self._guards[loop] = loop.create_task(_close_when_cancelled(pool))
         return pool
 
     async def _getconn(self, deadline: float | None = None) -> Any:
         pool = await self._pool()
-        bound = _remaining(deadline, self.config.connect_timeout)
-        until = time.monotonic() + bound
-        try:
-            while True:
-                conn = await pool.getconn(max(0.001, until - time.monotonic()))
-                if not _idle_but_readable(conn):
-                    return conn
-                await conn.close()
-                await pool.putconn(conn)
-        except PoolTimeout as exc:
-            raise self._no_connection(exc, bound) from exc
+        until = time.monotonic() + self.config.connect_timeout
+        while True:
+            wait = _until(deadline, until, exhausted=_exhausted(pool))
+            try:
+                conn = await pool.getconn(min(wait, _ASK_AGAIN))
+            except PoolTimeout as exc:
+                if wait > _ASK_AGAIN:
+                    continue
+                raise self._no_connection(exc, pool, deadline, until) from exc
+            except PoolClosed as exc:
+                raise self.sql.unavailable(exc, "closed: ") from exc
+            if not _idle_but_readable(conn):
+                return conn
+            await self._putconn(conn, broken=True)
 
-    async def _putconn(self, conn: Any) -> None:
+    async def _putconn(self, conn: Any, broken: bool = False) -> None:
         pool = conn._pool
         if pool is None or pool not in self._pools.values():
             return
+        if broken:
+            # At once, with no await: this runs on cancellation too.
+            conn.pgconn.finish()
         await pool.putconn(conn)
 
     async def _setup(self, conn: Any) -> None:
@@ -1043,24 +1174,42 @@ class AsyncPostgresEngine(_Engine):
 
     @staticmethod
     async def _execute(conn: Any, sql: str, params: Sequence[Any]) -> list[Row]:
-        cur = await conn.execute(sql, params)
+        cur = await conn.execute(sql, params or None)
         return list(await cur.fetchall()) if cur.pgresult.status == _ROWS else []
+
+    async def _attempts(self, conn: Any, sql: str, params: Sequence[Any]) -> list[Row]:
+        made = False
+        for attempt in range(_ATTEMPTS):
+            try:
+                return await self._execute(conn, sql, params)
+            except _MISSING_SCHEMA:
+                if made:
+                    raise
+                if conn.pgconn.transaction_status != _IDLE:
+                    await conn.rollback()
+                await self._setup(conn)
+                made = True
+            except pgerrors.TransactionRollback:
+                if attempt == _ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _run(self, op: _Op[T]) -> T:
         conn = await self._getconn()
         try:
-            try:
-                rows = await self._execute(conn, op.sql, op.params)
-            except _MISSING_SCHEMA:
-                await self._setup(conn)
-                rows = await self._execute(conn, op.sql, op.params)
+            rows = await self._attempts(conn, op.sql, op.params)
         except psycopg.Error as exc:
-            await self._putconn(conn)
+            await self._putconn(conn, broken=isinstance(exc, psycopg.OperationalError))
             raise self.sql.failure(exc, op) from exc
-        if self._sweep_due():
-            with contextlib.suppress(psycopg.Error):
-                await conn.execute(self.sql.sweep)
-        await self._putconn(conn)
+        except BaseException:
+            await self._putconn(conn, broken=True)
+            raise
+        try:
+            if self._sweep_due():
+                with contextlib.suppress(psycopg.Error):
+                    await conn.execute(self.sql.sweep)
+        finally:
+            await self._putconn(conn, broken=conn.pgconn.transaction_status != _IDLE)
         return op.parse(rows)
 
     async def get(self, key: str) -> Raw | None:
@@ -1135,29 +1284,27 @@ class AsyncPostgresEngine(_Engine):
         try:
             while True:
                 params = (key, self._slice_ms(deadline))
-                try:
-                    rows = await self._execute(conn, self.sql.take, params)
-                except _MISSING_SCHEMA:
-                    await self._setup(conn)
-                    continue
+                rows = await self._attempts(conn, self.sql.take, params)
                 if rows[0][0]:
-                    held, conn = _Held(conn, key), None
-                    return held
+                    return _Held(conn, key)
                 if deadline is not None and time.monotonic() >= deadline:
+                    await self._putconn(conn)
                     return None
         except psycopg.Error as exc:
+            await self._putconn(conn, broken=True)
             raise self.sql.failure(exc, _Op("lock", name, "", (), _nothing)) from exc
-        finally:
-            if conn is not None:
-                await self._putconn(conn)
+        except BaseException:
+            await self._putconn(conn, broken=True)
+            raise
 
     async def lock_release(self, handle: _Held, name: str) -> None:
+        released = False
         try:
             released = (await self._execute(handle.conn, self.sql.unlock, (handle.key,)))[0][0]
         except psycopg.Error as exc:
             raise self.sql.lost(name, exc) from exc
         finally:
-            await self._putconn(handle.conn)
+            await self._putconn(handle.conn, broken=not released)
         if not released:  # pragma: no cover - the connection held it
             raise StateError(f"lock {name!r} was not held at its release")
 
@@ -1165,58 +1312,79 @@ class AsyncPostgresEngine(_Engine):
         deadline = _deadline(timeout)
         lock_key = self.sql.mutate_key(key)
         conn = await self._getconn(deadline)
-        op = _Op("mutate", key, "", (), _nothing)
         try:
-            begun = False
+            rows = await self._mutate_begin(conn, lock_key, key, deadline)
             while True:
-                params = (lock_key, key, self._slice_ms(deadline))
-                try:
-                    if not begun:
-                        async with conn.pipeline():
-                            await conn.execute("BEGIN")
-                            cur = await conn.execute(self.sql.begin_mutate, params)
-                            rows = list(await cur.fetchall())
-                        begun = True
-                    else:
-                        rows = await self._execute(conn, self.sql.begin_mutate, params)
-                except _MISSING_SCHEMA:
-                    await conn.rollback()
-                    begun = False
-                    await self._setup(conn)
-                    continue
                 ok, raw = self.sql.mutate_begun(key, rows)
                 if ok:
-                    held, conn = _Held(conn, lock_key), None
-                    return held, raw
+                    return _Held(conn, lock_key), raw
                 if deadline is not None and time.monotonic() >= deadline:
+                    await self._end(conn)
                     raise LockTimeout(f"mutate({key!r}): another mutation held it for {timeout}s")
+                rows = await self._mutate_take(conn, lock_key, key, deadline)
         except psycopg.Error as exc:
-            raise self.sql.failure(exc, op) from exc
-        finally:
-            if conn is not None:
-                await self._end(conn)
+            await self._putconn(conn, broken=True)
+            raise self.sql.failure(exc, _Op("mutate", key, "", (), _nothing)) from exc
+        except LockTimeout:
+            raise
+        except BaseException:
+            await self._putconn(conn, broken=True)
+            raise
+
+    async def _mutate_begin(
+        self, conn: Any, lock_key: int, key: str, deadline: float | None
+    ) -> list[Row]:
+        for made in (False, True):
+            try:
+                async with conn.pipeline():
+                    try:
+                        await conn.execute("BEGIN")
+                        return await self._mutate_take(conn, lock_key, key, deadline)
+                    except psycopg.OperationalError:
+                        conn.pgconn.finish()
+                        raise
+            except _MISSING_SCHEMA:
+                if made:
+                    raise
+                await conn.rollback()
+                await self._setup(conn)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _mutate_take(
+        self, conn: Any, lock_key: int, key: str, deadline: float | None
+    ) -> list[Row]:
+        params = (lock_key, key, self._slice_ms(deadline))
+        cur = await conn.execute(self.sql.begin_mutate, params)
+        return list(await cur.fetchall())
 
     async def _end(self, conn: Any) -> None:
         try:
-            if not conn.closed:
-                await conn.rollback()
-        except psycopg.Error:
-            await conn.close()
-        finally:
-            await self._putconn(conn)
+            await conn.rollback()
+        except BaseException:
+            await self._putconn(conn, broken=True)
+            raise
+        await self._putconn(conn)
 
     async def mutate_end(self, handle: _Held, key: str, raw: Raw | None, commit: bool) -> None:
         conn = handle.conn
-        if not commit or raw is None:
-            await self._end(conn)
-            return
         try:
-            async with conn.pipeline():
-                await conn.execute(self.sql.commit_mutate, self.sql.commit_params(key, raw))
-                await conn.execute("COMMIT")
+            if not commit or raw is None:
+                await conn.rollback()
+            else:
+                async with conn.pipeline():
+                    try:
+                        params = self.sql.commit_params(key, raw)
+                        await conn.execute(self.sql.commit_mutate, params)
+                        await conn.execute("COMMIT")
+                    except psycopg.OperationalError:
+                        conn.pgconn.finish()
+                        raise
         except psycopg.Error as exc:
-            await self._end(conn)
+            await self._putconn(conn, broken=True)
             raise self.sql.failure(exc, _Op("mutate", key, "", (), _nothing)) from exc
+        except BaseException:
+            await self._putconn(conn, broken=True)
+            raise
         await self._putconn(conn)
 
     # pub/sub --------------------------------------------------------------------------
@@ -1224,20 +1392,19 @@ class AsyncPostgresEngine(_Engine):
     async def subscribe(self, channels: list[str]) -> _Subscriber:
         idents = _subscriber_channels(self.sql, channels)
         try:
-            conn = await _AsyncConnection.connect(str(self.config.address), autocommit=True)
+            conn = await _AsyncConnection.connect(
+                str(self.config.address), **_subscriber_kwargs(self.config)
+            )
         except psycopg.Error as exc:
             raise self.sql.unavailable(exc) from exc
         conn.reply_timeout = self._reply_timeout
         try:
-            await conn.execute(_listen(idents))
-            try:
-                await conn.execute(self.sql.subscribe, (list(idents),))
-            except _MISSING_SCHEMA:
-                await self._setup(conn)
-                await conn.execute(self.sql.subscribe, (list(idents),))
-        except psycopg.Error as exc:
-            await conn.close()
-            raise self.sql.unavailable(exc) from exc
+            await self._attempts(conn, _listen(self.sql, idents), ())
+        except BaseException as exc:
+            conn.pgconn.finish()
+            if isinstance(exc, psycopg.Error):
+                raise self.sql.unavailable(exc) from exc
+            raise
         return _Subscriber(conn, idents)
 
     async def receive(self, handle: _Subscriber, timeout: float) -> list[tuple[str, Raw]]:
@@ -1253,10 +1420,7 @@ class AsyncPostgresEngine(_Engine):
             )
         except psycopg.Error as exc:
             raise self.sql.unavailable(exc) from exc
-        return [
-            (handle.idents[ident], bytes(bodies.get(d, b"")) if isinstance(d, int) else d)
-            for ident, d in decoded
-        ]
+        return _messages(self.sql, handle, decoded, bodies)
 
     async def unsubscribe(self, handle: _Subscriber) -> None:
         try:
@@ -1268,6 +1432,10 @@ class AsyncPostgresEngine(_Engine):
             await handle.conn.close()
 
     async def aclose(self) -> None:
-        pool = self._pools.pop(asyncio.get_running_loop(), None)
+        loop = asyncio.get_running_loop()
+        pool = self._pools.pop(loop, None)
+        guard = self._guards.pop(loop, None)
         if pool is not None:
             await pool.close(timeout=self.config.connect_timeout)
+        if guard is not None:
+            guard.cancel()
