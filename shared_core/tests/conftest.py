@@ -8,7 +8,11 @@ own state server; they come from the plugin ``shared_core.testing`` (enabled in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import os
+import shutil
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +22,13 @@ import psutil
 import pytest
 
 from shared_core import AsyncSharedState, SharedState
-from shared_core.testing import IsolatedState, PostgresServer, RedisServer, state_servers
+from shared_core.testing import (
+    IsolatedState,
+    PostgresServer,
+    RedisServer,
+    private_dir,
+    state_servers,
+)
 
 
 def server_processes(app: str) -> list[psutil.Process]:
@@ -50,6 +60,22 @@ def redis_url(sock: str, app: str, **query: object) -> str:
 
 
 LOCK_LEASE = 2  # seconds, for the Redis engine in these tests
+
+
+@pytest.fixture
+def postgres_own() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the test's own, to kill, freeze or restart
+    without stalling the others."""
+    workdir = private_dir("po-")
+    server = PostgresServer(workdir).start()
+    try:
+        yield server
+    finally:
+        for proc in server.processes():  # a test that froze it may have failed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -166,7 +166,10 @@ async def test_increment(cache: SharedStateCache, shared_state: AsyncSharedState
 async def test_increment_of_a_text_serializers_int_stays_text(
     shared_state: AsyncSharedState,
 ) -> None:
-    cache = SharedStateCache(shared_state, serializer=JsonSerializer())
+    # timeout: 50 compare-and-set loops at once below, on one key of a loaded
+    # machine (PostgreSQL: a statement each step); what counts is that none
+    # is lost, not aiocache's default 5 s per call.
+    cache = SharedStateCache(shared_state, serializer=JsonSerializer(), timeout=60)
     await cache.set("n", 41, ttl=30)
     assert await shared_state.get("aiocache:n") == "41"
     assert await cache.increment("n") == 42

@@ -8,13 +8,10 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -211,17 +208,6 @@ def test_expired_rows_are_reclaimed(
     assert state.get("kept") == 1
     count = sql(postgres_server, f'SELECT count(*) FROM "{schema_name(app)}".kv')
     assert count == [(1,)]
-
-
-@pytest.fixture
-def postgres_own() -> Iterator[PostgresServer]:
-    workdir = Path(tempfile.mkdtemp(prefix="pr-"))
-    server = PostgresServer(workdir).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.mark.parametrize("how", ["kill", "stop"])
