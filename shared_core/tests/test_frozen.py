@@ -39,8 +39,8 @@ class Frozen:
     """The server under test, and how to freeze and resume it (PostgreSQL:
     with its children, each connection's process among them)."""
 
-    def __init__(self, url: str, pid: int, children: bool = False) -> None:
-        self.url, self.pid, self.children = url, pid, children
+    def __init__(self, url: str, pid: int, postgres: PostgresServer | None = None) -> None:
+        self.url, self.pid, self.postgres = url, pid, postgres
 
     def after_one_sent(self, count: int) -> bool:
         """Whether ``count`` is right after 10 increments, those sent to the
@@ -51,16 +51,15 @@ class Frozen:
         at all (once resumed, the server finds the client gone when it
         answers, and rolls back what it had not committed): 11 to 13. Never
         one twice."""
-        return count == 12 or (self.children and 11 <= count <= 13)
-
-    def _pids(self) -> list[int]:
-        if not self.children:
-            return [self.pid]
-        return [self.pid, *(p.pid for p in psutil.Process(self.pid).children(recursive=True))]
+        return count == 12 or (self.postgres is not None and 11 <= count <= 13)
 
     @contextmanager
     def frozen(self) -> Iterator[None]:
-        pids = self._pids()
+        # The postmaster first, so that it forks no backend while they are listed.
+        os.kill(self.pid, signal.SIGSTOP)
+        pids = [self.pid]
+        if self.postgres is not None:
+            pids = [p.pid for p in self.postgres.processes()]
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         try:
@@ -69,11 +68,8 @@ class Frozen:
                 wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, 5, "stop")
             yield
         finally:
-            self.resume(pids)
-
-    def resume(self, pids: list[int] | None = None) -> None:
-        for pid in self._pids() if pids is None else pids:
-            os.kill(pid, signal.SIGCONT)
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
 
 
 @pytest.fixture
@@ -107,7 +103,7 @@ def target(request: pytest.FixtureRequest, app: str) -> Frozen:
         postgres: PostgresServer = request.getfixturevalue("postgres_own")
         url = postgres.url(app) + f"&{query}"
         assert postgres.proc is not None
-        return Frozen(url, postgres.proc.pid, children=True)
+        return Frozen(url, postgres.proc.pid, postgres)
     return Frozen(url, pid)
 
 

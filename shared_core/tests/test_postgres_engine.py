@@ -39,8 +39,9 @@ def state(url: str) -> Iterator[SharedState]:
 
 def sql(server: PostgresServer, query: str, *params: Any) -> list[tuple[Any, ...]]:
     """Run ``query`` on a connection of its own, as another program would."""
-    with psycopg.connect(server.url("x").split("?")[0], host=str(server.socket_dir),
-                         port=server.port, autocommit=True) as conn:  # fmt: skip
+    with psycopg.connect(
+        host=str(server.socket_dir), port=server.port, user="postgres", autocommit=True
+    ) as conn:
         return conn.execute(query, params or None).fetchall()
 
 

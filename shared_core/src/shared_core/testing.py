@@ -572,6 +572,7 @@ _S = TypeVar("_S", bound="_Server")
 
 class _Server:
     proc: subprocess.Popen[bytes] | None = None
+    stop_signal = signal.SIGTERM  # what asks it to stop cleanly
 
     def start(self) -> _Server:
         raise NotImplementedError
@@ -584,10 +585,10 @@ class _Server:
             self.proc.wait()
 
     def stop(self) -> None:
-        """Stop it cleanly (SIGTERM); SIGKILL if it has not left after 10 s."""
+        """Stop it cleanly (``stop_signal``); SIGKILL if it has not left after 10 s."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(self.stop_signal)
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -708,6 +709,8 @@ class PostgresServer(_Server):
             socket is named after the default port, 5432).
     """
 
+    stop_signal = signal.SIGINT  # a fast shutdown
+
     def __init__(self, workdir: Path, port: int = 0) -> None:
         self.workdir = workdir
         self.tcp = port != 0
@@ -826,16 +829,6 @@ class PostgresServer(_Server):
             return [postmaster, *postmaster.children(recursive=True)]
         except psutil.NoSuchProcess:
             return []
-
-    def stop(self) -> None:
-        """Stop it cleanly (a fast shutdown: SIGINT); SIGKILL if it has not left after 10 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.kill()
 
     def url(self, app: str, **query: object) -> str:
         """A ``postgresql://`` state URL of this server for ``app``, on its socket."""

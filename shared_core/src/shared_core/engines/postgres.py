@@ -249,6 +249,11 @@ class _Op(Generic[T]):
         self.parse = parse
 
 
+def _named(name: str, subject: str) -> _Op[None]:
+    """An operation of several statements, as its errors name it."""
+    return _Op(name, subject, "", (), _nothing)
+
+
 def _first_raw(rows: list[Row]) -> Raw | None:
     return _raw(rows[0][0], rows[0][1]) if rows else None
 
@@ -502,7 +507,8 @@ class _Sql:
 
         return _Op("info", "", self._info, (), described)
 
-    def mutate_begun(self, key: str, rows: list[Row]) -> tuple[bool, Raw | None]:
+    @staticmethod
+    def mutate_begun(rows: list[Row]) -> tuple[bool, Raw | None]:
         ok, num, data = rows[0]
         return bool(ok), None if num is None and data is None else _raw(num, data)
 
@@ -733,11 +739,12 @@ def _exhausted(pool: Any) -> bool:
     return bool(stats["pool_size"] >= pool.max_size and stats["pool_available"] == 0)
 
 
-def _until(deadline: float | None, until: float, *, exhausted: bool) -> float:
+def _until(deadline: float | None, until: float, pool: Any) -> float:
     """How long to wait for a connection: up to connect_timeout (``until``);
     a lock's wait only until its own ``deadline`` when every one is busy
-    (not when one is being opened, as on a first call)."""
-    end = until if deadline is None or not exhausted else min(until, deadline)
+    (not when one is being opened, as on a first call). The pool's stats are
+    read for a lock's wait only, not on every call."""
+    end = until if deadline is None or not _exhausted(pool) else min(until, deadline)
     return max(0.001, end - time.monotonic())
 
 
@@ -805,7 +812,7 @@ class PostgresEngine(_Engine):
         pool = self._pool()
         until = time.monotonic() + self.config.connect_timeout
         while True:
-            wait = _until(deadline, until, exhausted=_exhausted(pool))
+            wait = _until(deadline, until, pool)
             try:
                 conn = pool.getconn(min(wait, _ASK_AGAIN))
             except PoolTimeout as exc:
@@ -956,7 +963,7 @@ class PostgresEngine(_Engine):
             # The lock may have been granted as the call failed: only closing
             # the connection surely frees it.
             self._putconn(conn, broken=True)
-            raise self.sql.failure(exc, _Op("lock", name, "", (), _nothing)) from exc
+            raise self.sql.failure(exc, _named("lock", name)) from exc
         except BaseException:
             self._putconn(conn, broken=True)
             raise
@@ -979,7 +986,7 @@ class PostgresEngine(_Engine):
         try:
             rows = self._mutate_begin(conn, lock_key, key, deadline)
             while True:
-                ok, raw = self.sql.mutate_begun(key, rows)
+                ok, raw = self.sql.mutate_begun(rows)
                 if ok:
                     return _Held(conn, lock_key), raw
                 if deadline is not None and time.monotonic() >= deadline:
@@ -988,7 +995,7 @@ class PostgresEngine(_Engine):
                 rows = self._mutate_take(conn, lock_key, key, deadline)
         except psycopg.Error as exc:
             self._putconn(conn, broken=True)
-            raise self.sql.failure(exc, _Op("mutate", key, "", (), _nothing)) from exc
+            raise self.sql.failure(exc, _named("mutate", key)) from exc
         except LockTimeout:
             raise
         except BaseException:
@@ -1043,7 +1050,7 @@ class PostgresEngine(_Engine):
                         raise
         except psycopg.Error as exc:
             self._putconn(conn, broken=True)
-            raise self.sql.failure(exc, _Op("mutate", key, "", (), _nothing)) from exc
+            raise self.sql.failure(exc, _named("mutate", key)) from exc
         except BaseException:
             self._putconn(conn, broken=True)
             raise
@@ -1147,7 +1154,7 @@ class AsyncPostgresEngine(_Engine):
         pool = await self._pool()
         until = time.monotonic() + self.config.connect_timeout
         while True:
-            wait = _until(deadline, until, exhausted=_exhausted(pool))
+            wait = _until(deadline, until, pool)
             try:
                 conn = await pool.getconn(min(wait, _ASK_AGAIN))
             except PoolTimeout as exc:
@@ -1292,7 +1299,7 @@ class AsyncPostgresEngine(_Engine):
                     return None
         except psycopg.Error as exc:
             await self._putconn(conn, broken=True)
-            raise self.sql.failure(exc, _Op("lock", name, "", (), _nothing)) from exc
+            raise self.sql.failure(exc, _named("lock", name)) from exc
         except BaseException:
             await self._putconn(conn, broken=True)
             raise
@@ -1315,7 +1322,7 @@ class AsyncPostgresEngine(_Engine):
         try:
             rows = await self._mutate_begin(conn, lock_key, key, deadline)
             while True:
-                ok, raw = self.sql.mutate_begun(key, rows)
+                ok, raw = self.sql.mutate_begun(rows)
                 if ok:
                     return _Held(conn, lock_key), raw
                 if deadline is not None and time.monotonic() >= deadline:
@@ -1324,7 +1331,7 @@ class AsyncPostgresEngine(_Engine):
                 rows = await self._mutate_take(conn, lock_key, key, deadline)
         except psycopg.Error as exc:
             await self._putconn(conn, broken=True)
-            raise self.sql.failure(exc, _Op("mutate", key, "", (), _nothing)) from exc
+            raise self.sql.failure(exc, _named("mutate", key)) from exc
         except LockTimeout:
             raise
         except BaseException:
@@ -1381,7 +1388,7 @@ class AsyncPostgresEngine(_Engine):
                         raise
         except psycopg.Error as exc:
             await self._putconn(conn, broken=True)
-            raise self.sql.failure(exc, _Op("mutate", key, "", (), _nothing)) from exc
+            raise self.sql.failure(exc, _named("mutate", key)) from exc
         except BaseException:
             await self._putconn(conn, broken=True)
             raise
