@@ -136,6 +136,8 @@ class Servers:
         }
 
     def redis_version(self) -> str:
+        if not self.clients:
+            return "not measured"
         return str(next(iter(self.clients.values())).info("server")["redis_version"])
 
     def close(self) -> None:
@@ -283,6 +285,8 @@ def ratios(tp: dict[str, Any]) -> list[dict[str, Any]]:
     """Ratios of medians; the spread is that of the ratio within each round."""
     out = []
     for num, den, target in RATIOS:
+        if num not in tp or den not in tp:  # left out by --only
+            continue
         by_n = {}
         for n in tp[num]:
             a, b = tp[num][n], tp[den][n]
@@ -428,8 +432,23 @@ def main() -> None:
     parser.add_argument(
         "--tmp", type=Path, default=None, help="where the servers' files go (default: $TMPDIR)"
     )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="WORD",
+        help="measure only the configurations whose key holds one of these words "
+        "(e.g. --only always: both engines' fsync=always)",
+    )
+    parser.add_argument("--rounds", type=int, help="rounds (default 5; --quick: 2)")
+    parser.add_argument("--seconds", type=float, help="seconds per point (default 1.5)")
     args = parser.parse_args()
+    if args.only:
+        CONFIGS[:] = [c for c in CONFIGS if any(word in c[0] for word in args.only)]
+        if not CONFIGS:
+            parser.error(f"--only {' '.join(args.only)}: no configuration matches")
     rounds, seconds, warmup, probe = (2, 0.5, 0.1, 0.3) if args.quick else (5, 1.5, 0.2, 1.0)
+    rounds = args.rounds or rounds
+    seconds = args.seconds or seconds
     workdir = Path(tempfile.mkdtemp(prefix="dur-", dir=args.tmp))
     servers = clients = None
     try:

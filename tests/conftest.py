@@ -52,8 +52,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("pairing", pairings, ids=chosen, scope="session")
 
 
+def _matches(value: object, wanted: object) -> bool:
+    """``only(name=("a", "b"))``: any of a tuple; otherwise that value."""
+    return value in wanted if isinstance(wanted, tuple) else value == wanted
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect the pairings a test marked ``only(framework=..., engine=...)`` is not for."""
+    """Deselect the pairings a test marked ``only(framework=..., engine=...)`` is not for
+    (a tuple: any of its values)."""
     keep, drop = [], []
     for item in items:
         marker = item.get_closest_marker("only")
@@ -62,7 +68,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if (
             marker
             and isinstance(pairing, Pairing)
-            and not all(getattr(pairing, k) == v for k, v in marker.kwargs.items())
+            and not all(_matches(getattr(pairing, k), v) for k, v in marker.kwargs.items())
         ):
             drop.append(item)
         else:

@@ -479,21 +479,35 @@ def post(url: str, **options: Any) -> httpx.Response:
 # --- load ------------------------------------------------------------------------
 
 
-def final_count(d: Deployment) -> int:
-    """The count /report gives, asked again while workers restart (it is a read)."""
-    counts: list[int] = []
+def read(d: Deployment, path: str) -> dict[str, Any]:
+    """The JSON body of ``GET path``, asked again while workers restart (a
+    recycling worker drops connections); it must be a read."""
+    bodies: list[dict[str, Any]] = []
 
     def ask() -> bool:
         try:
-            r = get(f"{d.url}/report", timeout=10)
+            r = get(f"{d.url}{path}", timeout=30)
         except httpx.TransportError:
             return False
         if r.status_code == 200:
-            counts.append(int(r.json()["count"]))
-        return bool(counts)
+            bodies.append(r.json())
+        return bool(bodies)
 
-    wait_for(ask, 30, "a /report answer")
-    return counts[-1]
+    try:
+        wait_for(ask, 30, f"a {path} answer")
+    except AssertionError as exc:
+        raise AssertionError(d.explain(str(exc))) from None
+    return bodies[-1]
+
+
+def final_count(d: Deployment) -> int:
+    """The count /report gives, asked again while workers restart."""
+    return int(read(d, "/report")["count"])
+
+
+def ticks(d: Deployment) -> dict[str, Any]:
+    """What ``GET /ticks`` says, asked again while workers restart."""
+    return read(d, "/ticks")
 
 
 @dataclass

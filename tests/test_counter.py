@@ -26,6 +26,7 @@ from tests.harness import (
     post,
     sample,
     send,
+    ticks,
 )
 
 LOAD = 1000
@@ -263,6 +264,8 @@ def test_worker_recycling_keeps_the_count_exact(launch: Any, pairing: Pairing) -
         assert final == LOAD
     # 1000 requests at ~100 per worker life must have gone through new workers.
     assert len(outcome.pids) > 4, f"recycling did not happen: only {outcome.pids} served"
+    # ... none of which ran the start-up task again: the same start of the deployment.
+    assert ticks(d)["startup"]["runs"] == 1, d.explain("a recycled worker ran it again")
 
 
 @pytest.mark.only(server="granian", interface="asgi")

@@ -117,7 +117,12 @@ def test_a_killed_run_leaves_nothing_running(pairing: Pairing, tmp_path: Path) -
         started, marker = report["pids"], report["marker"]
         everything = [pid for pids in started.values() for pid in pids]
         assert len(started["workers"]) == 4, started
-        assert pids_alive(everything) == everything, started
+        # PostgreSQL's postmaster forks short-lived children too (an autovacuum
+        # worker, the backend of a readiness check) that may end by now.
+        lasting = [
+            p for what, pids in started.items() for p in (pids[:1] if what == "postgres" else pids)
+        ]
+        assert set(lasting) <= set(pids_alive(everything)), started
 
         os.kill(inner.pid, signal.SIGKILL)
         killed = time.monotonic()

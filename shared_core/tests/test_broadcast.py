@@ -39,6 +39,41 @@ def test_publish_without_subscribers_reaches_no_one(url: str, engine: str) -> No
     assert received == 0
 
 
+def test_publish_counts_exactly_the_subscribers_it_reaches(url: str) -> None:
+    """A publish racing a new subscription either reaches it and counts it,
+    or does neither: its count is never off by the subscriber joining."""
+    state = SharedState(url)
+    for attempt in range(8):
+        channel = f"race-{attempt}"
+        counts: dict[int, int] = {}
+        stop = threading.Event()
+
+        def publish() -> None:
+            i = 0
+            while not stop.is_set():
+                counts[i] = state.publish(channel, i)
+                i += 1
+
+        publisher = threading.Thread(target=publish)
+        publisher.start()
+        got: list[Any] = []
+        try:
+            time.sleep(0.005 * (attempt % 5))  # the subscription lands at varied moments
+            sub = state.subscribe(channel, callback=lambda _c, m: got.append(m))
+            wait_for(lambda: any(counts.values()), 10, "a publish that counts the subscriber")
+        finally:
+            stop.set()
+            publisher.join(10)
+        try:
+            counted = {i for i, n in counts.items() if n}
+            wait_for(lambda: counted <= set(got), 10, "every counted message")
+            time.sleep(0.1)  # a message delivered but not counted would show by now
+            assert sorted(got) == sorted(counted), (len(got), len(counted))
+            assert all(n == 1 for n in counts.values() if n)
+        finally:
+            sub.close()
+
+
 def test_channel_names_are_checked(url: str) -> None:
     state = SharedState(url)
     with pytest.raises(TypeError):

@@ -10,8 +10,8 @@ from flask import Flask, session
 from flask.sessions import SecureCookieSessionInterface
 from werkzeug.test import TestResponse
 
-from shared_core import SharedState, StateUnavailable
-from shared_core.flask import SharedStateExtension, close, get_state, subscribe
+from shared_core import Scheduler, SharedState, StateUnavailable
+from shared_core.flask import SharedStateExtension, close, get_state, schedule, subscribe
 from shared_core.testing import StateServer, private_dir, wait_for
 
 UNAVAILABLE = {"error": "the shared state is unavailable, try again"}
@@ -190,3 +190,23 @@ def test_subscribe_while_the_state_is_away_is_a_503_and_retried(unreachable: str
     assert response.status_code == 503
     assert response.json == UNAVAILABLE
     assert app.extensions["ran"] == []
+
+
+def test_schedule_runs_the_scheduler_in_the_worker_until_close(url: str) -> None:
+    app = create_app(url)
+    state = get_state(app)
+    scheduler = Scheduler(state)
+
+    @scheduler.every(0.2, name="tick")
+    def tick() -> None:
+        state.incr("ticks")
+
+    assert schedule(app, scheduler) is scheduler
+    assert scheduler.running  # from the factory on
+    wait_for(lambda: state.get("ticks", 0) >= 2, 10, "two ticks")
+    close(app)
+    assert not scheduler.running
+    # A later request starts it again, as it does in a forked worker.
+    assert app.test_client().post("/incr").status_code == 200
+    assert scheduler.running
+    close(app)

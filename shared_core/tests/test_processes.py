@@ -240,7 +240,8 @@ def test_async_lock_is_released_when_the_waiting_task_is_cancelled(url: str) -> 
             await asyncio.sleep(0.2)
             waiter.cancel()
             with pytest.raises(asyncio.CancelledError):
-                await waiter
+                # Bounded: a waiter that lost its cancellation would sleep on.
+                await asyncio.wait_for(waiter, 30)
         # Had the cancelled waiter kept a claim, this would time out.
         async with b.lock("L", timeout=2):
             pass

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match, Route
 
 import shared_core.contrib.limits  # noqa: F401 - gives limits (so slowapi) the shared:// URIs
-from shared_core import LockTimeout
+from shared_core import AsyncScheduler, AsyncSharedState, LockTimeout, Occurrence, RunOnceFailed
 from shared_core.contrib.aiocache import SharedStateCache
 from shared_core.starlette import SharedStateDep, background_task, init_app, lifespan
 
@@ -33,6 +33,9 @@ MAX_JOB_SECONDS = 30
 SEEN_FOR = 60  # seconds a worker stays on the page's list of workers after it served the page
 LIMIT = "10/minute"  # /limited, per client address
 CACHE_FOR = 30  # seconds /cached keeps the value it computed
+START_WAIT = 60  # seconds a worker waits for the start-up task another one runs
+TICK_SECONDS = float(os.environ.get("TICK_SECONDS", "2"))  # the scheduled job; 0: none
+TICKS_KEPT = 600  # seconds /ticks shows an occurrence of the scheduled job
 
 Key = Annotated[str, Query(pattern=r"^[A-Za-z0-9_.:-]+$", min_length=1, max_length=64)]
 By = Annotated[int, Query(ge=1, le=MAX_BY)]
@@ -74,6 +77,39 @@ def create_app(state_url: str | None = None) -> FastAPI:
                 app.state.generation = max(app.state.generation, generation)
 
     background_task(app, listen_for_reloads)  # in every worker
+
+    started = {"here": "pending"}  # what this worker saw of the start-up task
+
+    async def warm_up() -> None:
+        # A start-up task (a migration, a cache to fill): one worker runs it
+        # per start of the deployment, the others wait for it to finish.
+        await shared_state.incr("startup:runs")
+        await shared_state.set("startup:by", os.getpid())
+        if os.environ.get("START_UP_FAIL"):  # only to show a failure reaching every worker
+            raise RuntimeError("the start-up task failed (START_UP_FAIL is set)")
+
+    async def start_up() -> None:
+        try:
+            ran = await shared_state.run_once("warm-up", warm_up, wait=START_WAIT)
+            started["here"] = "ran here" if ran else "done by another worker"
+        except RunOnceFailed as exc:  # in every worker, not only the one that ran it
+            started["here"] = f"failed: {exc}"
+
+    # At start-up, beside serving (the worker answers 503s while the state is
+    # away, and the task is tried again).
+    background_task(app, start_up)
+
+    scheduler = AsyncScheduler(shared_state)
+
+    @scheduler.every(TICK_SECONDS or 1, name="tick")
+    async def tick(occurrence: Occurrence) -> None:
+        # Once per period across all the workers, whichever are alive.
+        await shared_state.incr("ticks")
+        await shared_state.incr(f"tick:{occurrence.slot}", ttl=TICKS_KEPT)
+        await shared_state.set("tick:last", {"pid": os.getpid(), "slot": occurrence.slot})
+
+    if TICK_SECONDS > 0:
+        background_task(app, scheduler.run)  # in every worker, cancelled at shutdown
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Any) -> Any:
@@ -158,6 +194,10 @@ def create_app(state_url: str | None = None) -> FastAPI:
                     await cache.set("value", value)
         return {"value": value, "pid": os.getpid()}
 
+    @app.get("/ticks", operation_id="ticks")
+    async def ticks() -> dict[str, Any]:
+        return {**await _ticks(shared_state), "startup_here": started["here"]}
+
     @app.get("/whoami", operation_id="whoami")
     async def whoami(request: Request) -> dict[str, Any]:
         client = request.client.host if request.client else None
@@ -202,3 +242,19 @@ def create_app(state_url: str | None = None) -> FastAPI:
         return RedirectResponse(request.url_for("index").path, status_code=303)  # relative
 
     return app
+
+
+async def _ticks(state: AsyncSharedState) -> dict[str, Any]:
+    """What the scheduled job and the start-up task did, across the workers."""
+    found = await state.get_many(k for k in await state.keys("tick:") if k[5:].isdigit())
+    runs = {int(k[5:]): n for k, n in found.items()}  # slot -> times it ran: always 1
+    startup = {"runs": await state.get("startup:runs", 0), "by": await state.get("startup:by")}
+    last = await state.get("tick:last")
+    ticks = await state.get("ticks", 0)
+    return {
+        "ticks": ticks,
+        "runs_per_slot": runs,
+        "last": last,
+        "startup": startup,
+        "pid": os.getpid(),
+    }

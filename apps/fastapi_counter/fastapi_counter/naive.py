@@ -5,10 +5,13 @@ session key, so numbers repeat across pids and ``/session`` starts over. slowapi
 ``memory://`` storage and aiocache's memory cache are per worker too: with 4
 workers a client gets up to 4 times the limit through, and each worker computes
 and serves a value of its own.
+And a periodic job as a loop in each worker: every worker runs every
+occurrence (``/ticks``).
 """
 
 import os
 import secrets
+import threading
 import time
 from typing import Any
 
@@ -21,7 +24,7 @@ from slowapi.util import get_remote_address
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
 
-from . import CACHE_FOR, LIMIT
+from . import CACHE_FOR, LIMIT, TICK_SECONDS
 
 app = FastAPI()
 app.add_middleware(SessionMiddleware, secret_key=secrets.token_hex(32))  # one per worker
@@ -68,3 +71,24 @@ async def cached() -> dict[str, Any]:
         value = {"computed_by": os.getpid(), "at": time.time()}
         await cache.set("value", value)
     return {"value": value, "pid": os.getpid()}
+
+
+ticks: list[int] = []  # the occurrences of the job this worker ran (the latest 50)
+
+
+def tick_forever() -> None:
+    # The usual first try at a periodic job: a loop in each worker, so every
+    # worker runs every occurrence.
+    while True:
+        time.sleep(TICK_SECONDS - time.time() % TICK_SECONDS)
+        ticks.append(int(time.time() // TICK_SECONDS))
+        del ticks[:-50]
+
+
+if TICK_SECONDS > 0:
+    threading.Thread(target=tick_forever, name="naive ticks", daemon=True).start()
+
+
+@app.get("/ticks")
+async def ticks_seen() -> dict[str, Any]:
+    return {"ticks": len(ticks), "slots": ticks, "pid": os.getpid()}

@@ -3,6 +3,7 @@
 ``create_app()`` builds the app; ``flask_counter.wsgi:app`` is what servers load.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -27,15 +28,18 @@ from flask_session import Session  # type: ignore[import-untyped]
 from werkzeug.exceptions import HTTPException
 
 import shared_core.contrib.limits  # noqa: F401 - makes limits know shared://
-from shared_core import LockTimeout
+from shared_core import LockTimeout, Occurrence, RunOnceFailed, Scheduler, StateUnavailable
 from shared_core.contrib.cachelib import SharedStateCache
-from shared_core.flask import SharedStateExtension, subscribe
+from shared_core.flask import SharedStateExtension, schedule, subscribe
 
 # What a copy changes: the name of its state (it picks a private socket), the limits.
 shared = SharedStateExtension(app_name="flask_counter")
 cache = Cache()  # CACHE_TYPE below: one cache for every worker
 MAX_BY = 1000
 MAX_JOB_SECONDS = 30
+TICK_SECONDS = float(os.environ.get("TICK_SECONDS", "2"))  # the scheduled job; 0: none
+START_WAIT = 60  # seconds a worker waits for the start-up task another one runs
+TICKS_KEPT = 600  # seconds /ticks shows an occurrence of the scheduled job
 SEEN_FOR = 60  # seconds a worker stays on the page's list of workers after it served the page
 LIMIT = "10 per minute"  # /limited, per client address, across all workers
 CACHE_SECONDS = 30  # how long /cached serves the value one worker computed
@@ -48,6 +52,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         MAX_CONTENT_LENGTH=16 * 1024,
         CACHE_TYPE="shared_core.contrib.flask_caching.SharedStateCache",
         SESSION_STORE=os.environ.get("SESSION_STORE", "cookie"),  # or "server"
+        TICK_SECONDS=TICK_SECONDS,
     )
     app.config.from_mapping(test_config or {})
 
@@ -96,6 +101,41 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     subscribe(app, "reload", callback=load_config, on_connect=load_config)
 
+    def warm_up() -> None:
+        # A start-up task (a migration, a cache to fill): one worker runs it
+        # per start of the deployment, the others wait for it to finish.
+        state.incr("startup:runs")
+        state.set("startup:by", os.getpid())
+        if os.environ.get("START_UP_FAIL"):  # only to show a failure reaching every worker
+            raise RuntimeError("the start-up task failed (START_UP_FAIL is set)")
+
+    started = {"here": "pending"}  # what this worker saw of the start-up task
+
+    @app.before_request
+    def warm_up_once() -> None:
+        # At start-up below; here again only if the state was away then.
+        if started["here"] == "pending":
+            try:
+                ran = state.run_once("warm-up", warm_up, wait=START_WAIT)
+                started["here"] = "ran here" if ran else "done by another worker"
+            except RunOnceFailed as exc:  # in every worker, not only the one that ran it
+                started["here"] = f"failed: {exc}"
+
+    with contextlib.suppress(StateUnavailable):
+        warm_up_once()
+
+    scheduler = Scheduler(state)
+
+    @scheduler.every(app.config["TICK_SECONDS"] or 1, name="tick")
+    def tick(occurrence: Occurrence) -> None:
+        # Once per period across all the workers, whichever are alive.
+        state.incr("ticks")
+        state.incr(f"tick:{occurrence.slot}", ttl=TICKS_KEPT)
+        state.set("tick:last", {"pid": os.getpid(), "slot": occurrence.slot})
+
+    if app.config["TICK_SECONDS"] > 0:
+        schedule(app, scheduler)  # in every worker, stopped with the app
+
     @app.route("/increment", methods=["GET", "POST"])
     def increment() -> Any:
         key, by = _key(), _number("by", 1, 1, MAX_BY)
@@ -133,6 +173,15 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     @app.get("/jobs/report")
     def job_status() -> Any:
         return {"holder": state.get("job:report:holder"), "pid": os.getpid()}
+
+    @app.get("/ticks")
+    def ticks() -> Any:
+        found = state.get_many(k for k in state.keys("tick:") if k[5:].isdigit())
+        runs = {int(k[5:]): n for k, n in found.items()}  # slot -> times it ran: always 1
+        startup = {"runs": state.get("startup:runs", 0), "by": state.get("startup:by")}
+        return {"ticks": state.get("ticks", 0), "runs_per_slot": runs,
+                "last": state.get("tick:last"), "startup": startup,
+                "startup_here": started["here"], "pid": os.getpid()}  # fmt: skip
 
     @app.get("/whoami")
     def whoami() -> Any:

@@ -4,10 +4,13 @@ The usual first try, globals of the module: each worker has its own count and
 ``SECRET_KEY``, so numbers repeat across pids and ``/session`` starts over; and
 the defaults of flask-limiter (``memory://``) and flask-caching (``SimpleCache``),
 so each worker lets ``LIMIT`` through and computes ``/cached`` for itself.
+And a periodic job as a loop in each worker: every worker runs every
+occurrence (``/ticks``).
 """
 
 import os
 import secrets
+import threading
 import time
 from typing import Any
 
@@ -16,7 +19,7 @@ from flask_caching import Cache
 from flask_limiter import Limiter, RateLimitExceeded
 from flask_limiter.util import get_remote_address
 
-from . import CACHE_SECONDS, LIMIT
+from . import CACHE_SECONDS, LIMIT, TICK_SECONDS
 
 app = Flask(__name__)
 app.secret_key = secrets.token_hex(32)  # a different one in every worker
@@ -59,3 +62,24 @@ def rate_limited(exc: RateLimitExceeded) -> Any:
 @cache.cached(timeout=CACHE_SECONDS, key_prefix="computed")
 def cached() -> Any:
     return {"value": {"computed_by": os.getpid(), "at": time.time()}, "pid": os.getpid()}
+
+
+ticks: list[int] = []  # the occurrences of the job this worker ran (the latest 50)
+
+
+def tick_forever() -> None:
+    # The usual first try at a periodic job: a loop in each worker, so every
+    # worker runs every occurrence.
+    while True:
+        time.sleep(TICK_SECONDS - time.time() % TICK_SECONDS)
+        ticks.append(int(time.time() // TICK_SECONDS))
+        del ticks[:-50]
+
+
+if TICK_SECONDS > 0:
+    threading.Thread(target=tick_forever, name="naive ticks", daemon=True).start()
+
+
+@app.get("/ticks")
+def ticks_seen() -> Any:
+    return {"ticks": len(ticks), "slots": ticks, "pid": os.getpid()}

@@ -25,7 +25,7 @@ from quart import (
 from quart_rate_limiter import RateLimiter, RateLimitExceeded, rate_limit
 from werkzeug.exceptions import HTTPException
 
-from shared_core import LockTimeout
+from shared_core import AsyncScheduler, AsyncSharedState, LockTimeout, Occurrence, RunOnceFailed
 from shared_core.contrib.aiocache import SharedStateCache
 from shared_core.contrib.quart_rate_limiter import SharedStateStore
 from shared_core.quart import SharedStateExtension, background_task
@@ -37,12 +37,16 @@ MAX_JOB_SECONDS = 30
 SEEN_FOR = 60  # seconds a worker stays on the page's list of workers after it served the page
 LIMIT, LIMIT_PERIOD = 10, timedelta(minutes=1)  # /limited, per client address
 CACHE_FOR = 30  # seconds /cached keeps the value it computed
+START_WAIT = 60  # seconds a worker waits for the start-up task another one runs
+TICK_SECONDS = float(os.environ.get("TICK_SECONDS", "2"))  # the scheduled job; 0: none
+TICKS_KEPT = 600  # seconds /ticks shows an occurrence of the scheduled job
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Quart:
     """Build the app; ``test_config`` overrides settings such as ``SHARED_STATE_URL``."""
     app = Quart(__name__)
-    app.config.update(MAX_CONTENT_LENGTH=16 * 1024, **(test_config or {}))
+    app.config.update(MAX_CONTENT_LENGTH=16 * 1024, TICK_SECONDS=TICK_SECONDS)
+    app.config.update(test_config or {})
     state = shared.init_app(app)
     RateLimiter(app, store=SharedStateStore(state))  # one limit for all the workers
     cache = SharedStateCache(state, ttl=CACHE_FOR)  # an aiocache cache all the workers share
@@ -70,6 +74,39 @@ def create_app(test_config: dict[str, Any] | None = None) -> Quart:
                 await load_config()
 
     background_task(app, listen_for_reloads)
+
+    started = {"here": "pending"}  # what this worker saw of the start-up task
+
+    async def warm_up() -> None:
+        # A start-up task (a migration, a cache to fill): one worker runs it
+        # per start of the deployment, the others wait for it to finish.
+        await state.incr("startup:runs")
+        await state.set("startup:by", os.getpid())
+        if os.environ.get("START_UP_FAIL"):  # only to show a failure reaching every worker
+            raise RuntimeError("the start-up task failed (START_UP_FAIL is set)")
+
+    async def start_up() -> None:
+        try:
+            ran = await state.run_once("warm-up", warm_up, wait=START_WAIT)
+            started["here"] = "ran here" if ran else "done by another worker"
+        except RunOnceFailed as exc:  # in every worker, not only the one that ran it
+            started["here"] = f"failed: {exc}"
+
+    # At start-up, beside serving (the worker answers 503s while the state is
+    # away, and the task is tried again).
+    background_task(app, start_up)
+
+    scheduler = AsyncScheduler(state)
+
+    @scheduler.every(app.config["TICK_SECONDS"] or 1, name="tick")
+    async def tick(occurrence: Occurrence) -> None:
+        # Once per period across all the workers, whichever are alive.
+        await state.incr("ticks")
+        await state.incr(f"tick:{occurrence.slot}", ttl=TICKS_KEPT)
+        await state.set("tick:last", {"pid": os.getpid(), "slot": occurrence.slot})
+
+    if app.config["TICK_SECONDS"] > 0:
+        background_task(app, scheduler.run)  # in every worker, cancelled at shutdown
 
     @app.before_request
     async def read_body() -> None:
@@ -145,6 +182,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Quart:
                     await cache.set("value", value)
         return {"value": value, "pid": os.getpid()}
 
+    @app.get("/ticks")
+    async def ticks() -> Any:
+        return {**await _ticks(state), "startup_here": started["here"]}
+
     @app.get("/whoami")
     async def whoami() -> Any:
         return {"client": request.remote_addr, "scheme": request.scheme, "pid": os.getpid()}
@@ -202,3 +243,19 @@ def _number(name: str, default: int, low: int, high: int) -> int:
     if not re.fullmatch(r"[0-9]{1,4}", raw) or not low <= int(raw) <= high:
         abort(400, f"{name} must be a whole number from {low} to {high}")
     return int(raw)
+
+
+async def _ticks(state: AsyncSharedState) -> dict[str, Any]:
+    """What the scheduled job and the start-up task did, across the workers."""
+    found = await state.get_many(k for k in await state.keys("tick:") if k[5:].isdigit())
+    runs = {int(k[5:]): n for k, n in found.items()}  # slot -> times it ran: always 1
+    startup = {"runs": await state.get("startup:runs", 0), "by": await state.get("startup:by")}
+    last = await state.get("tick:last")
+    ticks = await state.get("ticks", 0)
+    return {
+        "ticks": ticks,
+        "runs_per_slot": runs,
+        "last": last,
+        "startup": startup,
+        "pid": os.getpid(),
+    }

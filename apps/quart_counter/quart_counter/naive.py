@@ -5,11 +5,14 @@ The usual first try, globals of the module: each worker has its own count and
 rate limiter's default store and aiocache's memory cache are per worker too:
 with 4 workers a client gets up to 4 times the limit through, and each worker
 computes and serves a value of its own.
+And a periodic job as a loop in each worker: every worker runs every
+occurrence (``/ticks``).
 """
 
 import json
 import os
 import secrets
+import threading
 import time
 from typing import Any
 
@@ -17,7 +20,7 @@ from aiocache import SimpleMemoryCache  # type: ignore[import-untyped]
 from quart import Quart, session
 from quart_rate_limiter import RateLimiter, RateLimitExceeded, rate_limit
 
-from . import CACHE_FOR, LIMIT, LIMIT_PERIOD
+from . import CACHE_FOR, LIMIT, LIMIT_PERIOD, TICK_SECONDS
 
 app = Quart(__name__)
 app.secret_key = secrets.token_hex(32)  # a different one in every worker
@@ -67,3 +70,24 @@ async def cached() -> Any:
         value = {"computed_by": os.getpid(), "at": time.time()}
         await cache.set("value", value)
     return {"value": value, "pid": os.getpid()}
+
+
+ticks: list[int] = []  # the occurrences of the job this worker ran (the latest 50)
+
+
+def tick_forever() -> None:
+    # The usual first try at a periodic job: a loop in each worker, so every
+    # worker runs every occurrence.
+    while True:
+        time.sleep(TICK_SECONDS - time.time() % TICK_SECONDS)
+        ticks.append(int(time.time() // TICK_SECONDS))
+        del ticks[:-50]
+
+
+if TICK_SECONDS > 0:
+    threading.Thread(target=tick_forever, name="naive ticks", daemon=True).start()
+
+
+@app.get("/ticks")
+async def ticks_seen() -> Any:
+    return {"ticks": len(ticks), "slots": ticks, "pid": os.getpid()}

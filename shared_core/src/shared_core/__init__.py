@@ -7,26 +7,41 @@ from ._broadcast import AsyncSubscription, Subscription
 from ._errors import (
     CapacityError,
     ConfigError,
+    FencedError,
     LockTimeout,
     PersistenceError,
+    RunOnceFailed,
     SnapshotError,
     StateError,
     StateUnavailable,
 )
+from ._jobs import AsyncScheduler, Occurrence, Scheduler
+from ._lease import AsyncLease, Lease
+from ._once import arun_once, deployment_start, run_once
 from ._state import SharedState
 
 __all__ = [
+    "AsyncLease",
+    "AsyncScheduler",
     "AsyncSharedState",
     "AsyncSubscription",
     "CapacityError",
     "ConfigError",
+    "FencedError",
+    "Lease",
     "LockTimeout",
+    "Occurrence",
     "PersistenceError",
+    "RunOnceFailed",
+    "Scheduler",
     "SharedState",
     "SnapshotError",
     "StateError",
     "StateUnavailable",
     "Subscription",
+    "arun_once",
+    "deployment_start",
+    "run_once",
 ]
 
 try:

@@ -20,6 +20,8 @@ from ._checks import (
 )
 from ._config import Config, resolve
 from ._errors import LockTimeout
+from ._lease import AsyncLease
+from ._once import arun_once
 from .engines import async_engine
 
 
@@ -150,6 +152,21 @@ class AsyncSharedState:
             await self._engine.mutate_end(handle, key, None, False)
             raise
         await self._engine.mutate_end(handle, key, data, True)
+
+    def lease(self, name: str, ttl: float = 10.0) -> AsyncLease:
+        """An :class:`AsyncLease` (see :meth:`SharedState.lease`)."""
+        return AsyncLease(self, name, ttl)
+
+    async def run_once(
+        self,
+        name: str,
+        func: Callable[[], Awaitable[Any] | Any],
+        *,
+        wait: float | None = 60.0,
+        ttl: float = 30.0,
+    ) -> bool:
+        """See :meth:`SharedState.run_once`; ``func`` may be a coroutine function."""
+        return await arun_once(self, name, func, wait=wait, ttl=ttl)
 
     async def publish(self, channel: str, message: Any) -> int:
         """Send ``message`` to every current subscriber of ``channel`` (see ``SharedState``)."""

@@ -42,3 +42,14 @@ class PersistenceError(StateError):
     not be written in time is not acknowledged: the server keeps it and writes
     it when the disk allows, but loses it if it dies first. Reads go on.
     """
+
+
+class FencedError(StateError):
+    """A write with a lease's fencing token was refused: the lease has a newer
+    holder, or the key was written by one. Nothing was written."""
+
+
+class RunOnceFailed(StateError):
+    """The function of ``run_once`` raised in the worker that ran it; every
+    worker of that start of the deployment gets this error with its message
+    (the one that ran it, with the original exception as ``__cause__``)."""

@@ -20,6 +20,8 @@ from ._checks import (
 )
 from ._config import Config, resolve
 from ._errors import LockTimeout
+from ._lease import Lease
+from ._once import run_once
 from .engines import sync_engine
 
 
@@ -179,6 +181,18 @@ class SharedState:
             self._engine.mutate_end(handle, key, None, False)
             raise
         self._engine.mutate_end(handle, key, data, True)
+
+    def lease(self, name: str, ttl: float = 10.0) -> Lease:
+        """A :class:`Lease` named ``name`` (one holder at a time, a fencing
+        token per holder); nothing is sent until it is acquired."""
+        return Lease(self, name, ttl)
+
+    def run_once(
+        self, name: str, func: Callable[[], Any], *, wait: float | None = 60.0, ttl: float = 30.0
+    ) -> bool:
+        """Call ``func()`` in one worker per start of the deployment; the others
+        wait for it (see :func:`shared_core.run_once`). True where it ran."""
+        return run_once(self, name, func, wait=wait, ttl=ttl)
 
     def publish(self, channel: str, message: Any) -> int:
         """Send ``message`` to every current subscriber of ``channel``.

@@ -52,6 +52,7 @@ from werkzeug.exceptions import InternalServerError
 from ._broadcast import Subscription
 from ._errors import StateUnavailable
 from ._extension import EXTENSION_KEY, SIGNING_KEY_NAME, UNAVAILABLE, ExtensionBase
+from ._jobs import Scheduler
 from ._state import SharedState
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "UnavailableSession",
     "close",
     "get_state",
+    "schedule",
     "subscribe",
 ]
 
@@ -140,6 +142,34 @@ def subscribe(
     listener = _Listener(get_state(app), channels, callback, on_connect)
     _worker_of(app).listeners.append(listener)
     app.before_request(listener.subscribe_this_worker)
+
+
+def schedule(app: Flask, scheduler: Scheduler) -> Scheduler:
+    """Run ``scheduler`` in every worker process of ``app``: from now (call it
+    in the app factory, which servers run in each worker), and checked on
+    each request, so that a worker forked from a process where it ran starts
+    its own; stopped in :func:`close`. Returns ``scheduler``.
+
+    Each occurrence of its jobs runs once across the deployment (see
+    :class:`~shared_core.Scheduler`). With gunicorn's ``--preload`` the
+    factory runs in the master, whose scheduler would claim occurrences too,
+    and each worker starts its own on its first request: do not preload an
+    app that schedules jobs.
+
+    Parameters:
+        app: an app passed to :meth:`SharedStateExtension.init_app`.
+        scheduler: a scheduler on the app's state, with its jobs added.
+    """
+    worker = _worker_of(app)
+    worker.schedulers.append(scheduler)
+
+    def start_here() -> None:
+        if not scheduler.running:
+            scheduler.start()
+
+    app.before_request(start_here)
+    start_here()
+    return scheduler
 
 
 def close(app: Flask | None = None) -> None:
@@ -252,9 +282,12 @@ class _Worker:
 
     state: SharedState
     listeners: list[_Listener] = field(default_factory=list)
+    schedulers: list[Scheduler] = field(default_factory=list)
 
     def close(self) -> None:
-        # Subscriptions first: their threads would log a broken connection.
+        # Threads first: they would log a broken connection.
+        for scheduler in self.schedulers:
+            scheduler.stop()
         for listener in self.listeners:
             listener.close()
         self.state.close()

@@ -185,6 +185,25 @@ BEGIN
         FOR UPDATE;
     END IF;
 END $$;
+-- A message to channel ch (a big one through the messages table), and how
+-- many subscribers it reaches. A subscription holds channel lock k until its
+-- LISTEN commits; publish takes it shared, then counts: a query inside a
+-- function sees rows committed before that query, so the count and the
+-- delivery agree.
+CREATE OR REPLACE FUNCTION {s}.publish(ch text, k bigint, payload text, big bytea)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(k);
+    IF big IS NOT NULL THEN
+        INSERT INTO {s}.messages (data) VALUES (big) RETURNING '@' || id::text INTO payload;
+    END IF;
+    PERFORM pg_notify(ch, payload);
+    SELECT count(*) INTO n FROM {s}.subscribers
+    WHERE channel = ch AND pid IN (SELECT pid FROM pg_stat_activity);
+    RETURN n;
+END $$;
 COMMIT;
 """
 
@@ -359,15 +378,7 @@ class _Sql:
             f"INSERT INTO {s}.secrets VALUES (%s, %s) "
             "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value RETURNING value"
         )
-        receivers = (
-            f"(SELECT count(*) FROM {s}.subscribers WHERE channel = %s "
-            "AND pid IN (SELECT pid FROM pg_stat_activity))"
-        )
-        self._publish = f"SELECT pg_notify(%s, %s), {receivers}"
-        self._publish_big = (
-            f"WITH m AS (INSERT INTO {s}.messages (data) VALUES (%s) RETURNING id) "
-            f"SELECT pg_notify(%s, '@' || (SELECT id FROM m)), {receivers}"
-        )
+        self._publish = f"SELECT {s}.publish(%s, %s, %s, %s)"
         self._info = (
             "SELECT pg_backend_pid(), "
             "(SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()), "
@@ -401,6 +412,10 @@ class _Sql:
 
     def channel(self, name: str) -> str:
         return _channel_id(self.schema, name)
+
+    def channel_key(self, name: str) -> int:
+        """The advisory lock that orders subscriptions and publishes on ``name``."""
+        return _advisory_key(self.schema, "channel", name)
 
     # operations -------------------------------------------------------------------
 
@@ -481,16 +496,16 @@ class _Sql:
         return _Op("rotate_secret", name, self._rotate_secret, (name, made), _value)
 
     def publish(self, channel: str, raw: Raw) -> _Op[int]:
-        ident = self.channel(channel)
+        ident, key = self.channel(channel), self.channel_key(channel)
         payload = _payload(raw)
 
         def receivers(rows: list[Row]) -> int:
-            return int(rows[0][1])
+            return int(rows[0][0])
 
-        if payload is not None:
-            return _Op("publish", channel, self._publish, (ident, payload, ident), receivers)
-        data = str(raw).encode() if isinstance(raw, int) else raw
-        return _Op("publish", channel, self._publish_big, (data, ident, ident), receivers)
+        big = None
+        if payload is None:
+            big = str(raw).encode() if isinstance(raw, int) else raw
+        return _Op("publish", channel, self._publish, (ident, key, payload, big), receivers)
 
     def info(self) -> _Op[dict[str, Any]]:
         def described(rows: list[Row]) -> dict[str, Any]:
@@ -708,11 +723,16 @@ def _subscriber_channels(sql: _Sql, channels: list[str]) -> dict[str, str]:
 
 def _listen(sql: _Sql, idents: dict[str, str]) -> str:
     """LISTEN to ``idents`` and count this connection among their subscribers,
-    both at the commit: a publish never reaches it uncounted, nor counts it
-    before it hears. (The names are ours, ``sc_`` and hex: no quoting needed.)"""
+    both at the commit, holding the channels' locks until then (in key order:
+    two subscriptions never deadlock), so that a publish, which takes them
+    shared, either comes after and counts and reaches this connection, or
+    comes before and does neither. (The names are ours, ``sc_`` and hex; the
+    keys are ints: no quoting needed.)"""
+    keys = sorted({sql.channel_key(name) for name in idents.values()})
+    locks = "".join(f"SELECT pg_advisory_xact_lock({key}); " for key in keys)
     listens = "".join(f'LISTEN "{ident}"; ' for ident in idents)
     rows = ", ".join(f"('{ident}', pg_backend_pid())" for ident in idents)
-    return f"BEGIN; {listens}{sql.subscribe} VALUES {rows} ON CONFLICT DO NOTHING; COMMIT"
+    return f"BEGIN; {locks}{listens}{sql.subscribe} VALUES {rows} ON CONFLICT DO NOTHING; COMMIT"
 
 
 class _Subscriber:

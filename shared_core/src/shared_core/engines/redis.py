@@ -37,6 +37,7 @@ Needs Redis 5 or later (a script that writes after reading the clock).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import re
@@ -817,14 +818,22 @@ class AsyncRedisEngine(_Engine):
         return await self._run(self.cmd.info())
 
     async def lock_acquire(self, name: str, timeout: float | None) -> str | None:
-        return await self._acquire(self.cmd.lock_acquire(name), timeout)
+        token = await self._acquire(self.cmd.lock_acquire(name), timeout)
+        if token is not None and _cancel_swallowed():
+            await self.lock_release(token, name)
+            raise asyncio.CancelledError
+        return token
 
     async def lock_release(self, handle: str, name: str) -> None:
         await self._run(self.cmd.lock_release(handle, name))
 
     async def mutate_begin(self, key: str, timeout: float | None) -> tuple[str, Raw | None]:
         got = await self._acquire(self.cmd.mutate_begin(key), timeout)
-        return self.cmd.mutate_begun(got, key, timeout)
+        begun = self.cmd.mutate_begun(got, key, timeout)
+        if _cancel_swallowed():
+            await self.mutate_end(begun[0], key, None, False)
+            raise asyncio.CancelledError
+        return begun
 
     async def mutate_end(self, handle: str, key: str, raw: Raw | None, commit: bool) -> None:
         await self._run(self.cmd.mutate_end(handle, key, raw, commit))
@@ -860,3 +869,12 @@ class AsyncRedisEngine(_Engine):
     async def aclose(self) -> None:
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
+
+
+def _cancel_swallowed() -> bool:
+    """Whether this task was asked to cancel and went on: a cancellation that
+    lands as redis-py completes a command can be lost (seen on Python 3.11:
+    a cancelled lock waiter then held the lock). Python 3.10 cannot tell."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling is not None and cancelling())

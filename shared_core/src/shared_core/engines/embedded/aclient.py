@@ -106,7 +106,7 @@ class _Pipe(asyncio.Protocol):
 class _Pipes:
     """The connections of one event loop (transports belong to the loop that made them)."""
 
-    __slots__ = ("failed", "main", "opening", "slots", "spare")
+    __slots__ = ("failed", "lent", "main", "opening", "slots", "spare")
 
     def __init__(self, size: int) -> None:
         self.main: _Pipe | None = None
@@ -114,6 +114,9 @@ class _Pipes:
         self.opening = asyncio.Lock()
         # Connections lent to held locks and mutations (the main one aside).
         self.slots = asyncio.Semaphore(size)
+        # Those lent now: a loop that ends while a task holds a lock (a task
+        # never stopped) leaves them to _forget_ended_loops.
+        self.lent: set[_Pipe] = set()
         # When the last attempt to open the main pipe failed, and why: callers
         # that queued behind it fail with it instead of each waiting anew.
         self.failed: tuple[float, StateUnavailable] | None = None
@@ -170,7 +173,7 @@ class AsyncEmbeddedEngine:
         # longer close them, their sockets can.
         for loop in [loop for loop in self._by_loop if loop.is_closed()]:
             pipes = self._by_loop.pop(loop)
-            for pipe in [pipes.main, *pipes.spare]:
+            for pipe in [pipes.main, *pipes.spare, *pipes.lent]:
                 if pipe is not None and pipe.sock is not None:
                     pipe.closed = True
                     pipe.sock.close()
@@ -189,10 +192,16 @@ class AsyncEmbeddedEngine:
         finally:
             conn.close()
         sock.setblocking(False)
-        if sock.family == socket.AF_UNIX:
-            _, pipe = await loop.create_unix_connection(_Pipe, sock=sock)
-        else:
-            _, pipe = await loop.create_connection(_Pipe, sock=sock)
+        try:
+            if sock.family == socket.AF_UNIX:
+                _, pipe = await loop.create_unix_connection(_Pipe, sock=sock)
+            else:
+                _, pipe = await loop.create_connection(_Pipe, sock=sock)
+        except BaseException:
+            # Cancelled (a task stopped at shutdown) or failed: close it here,
+            # nothing else will.
+            sock.close()
+            raise
         pipe.sock = sock
         return pipe
 
@@ -298,6 +307,7 @@ class AsyncEmbeddedEngine:
             else:
                 pipe = await self._open()
             pipe.lender = pipes
+            pipes.lent.add(pipe)
             return pipe
         except BaseException:
             pipes.slots.release()
@@ -307,6 +317,7 @@ class AsyncEmbeddedEngine:
         """Give back what ``_checkout`` lent (a broken or cancelled one is closed)."""
         pipes, pipe.lender = pipe.lender, None
         assert pipes is not None
+        pipes.lent.discard(pipe)
         # Kept for the loop's next lock unless aclose() came meanwhile.
         if pipes is self._pipes() and not pipe.closed and len(pipes.spare) < self._SPARE:
             pipes.spare.append(pipe)

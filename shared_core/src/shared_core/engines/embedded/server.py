@@ -15,12 +15,14 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
 from functools import partial
 from multiprocessing import managers
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from traceback import format_exc
 from typing import Any
@@ -39,6 +41,9 @@ _TICK = 0.25  # seconds between checks of the exit rule and snapshot times
 _SWEEP_EVERY = 0.1
 _SWEEP_BUDGET = 0.05
 _SWEEP_BATCH = 64
+_SIZE = struct.Struct("!i")  # multiprocessing.connection's framing
+_LONG_SIZE = struct.Struct("!Q")
+_READ_SIZE = 64 * 1024
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
 # The store's methods that change what the log keeps (secrets have their own file).
 WRITES = frozenset(
@@ -86,7 +91,8 @@ class StateServer(managers.Server):
         fewer steps on every call.
         """
         store, exposed, stop, log_ = self.store, self.store.exposed, self.stop_event, self.log
-        recv, send = conn.recv, conn.send
+        recv = _Reader(conn.fileno()).recv
+        send = conn.send
         store.connected(lambda: _readable(conn))
         try:
             while not stop.is_set():
@@ -118,6 +124,45 @@ class StateServer(managers.Server):
             store.disconnected()
 
 
+class _Reader:
+    """A connection's messages, read with one ``read(2)`` each where the
+    client sent them with one ``write(2)`` (multiprocessing's own reads the
+    length and the body apart: two system calls, two hand-offs of the GIL)."""
+
+    __slots__ = ("_buf", "_fd")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buf = bytearray()
+
+    def recv(self) -> Any:
+        buf, fd = self._buf, self._fd
+        while True:
+            if len(buf) >= 4:
+                (size,) = _SIZE.unpack_from(buf)
+                start = 4
+                if size == -1:
+                    if len(buf) < 12:
+                        size, start = 12, 0  # read on until the long length is in
+                    else:
+                        (size,) = _LONG_SIZE.unpack_from(buf, 4)
+                        start = 12
+                end = start + size
+                if start and len(buf) >= end:
+                    try:
+                        with memoryview(buf) as whole, whole[start:end] as body:
+                            return ForkingPickler.loads(body)
+                    finally:
+                        del buf[:end]  # even if it does not unpickle: in step
+                want = end - len(buf)
+            else:
+                want = 4 - len(buf)
+            chunk = os.read(fd, max(want, _READ_SIZE))
+            if not chunk:
+                raise EOFError
+            buf += chunk
+
+
 def _logged_call(
     store: Store, log_: AppendLog, method: str, args: Any, kwds: Any
 ) -> tuple[str, Any]:
@@ -131,9 +176,12 @@ def _logged_call(
         if write and log_.failure is not None:
             log_.retry()  # PersistenceError: refused, nothing changed
         result = getattr(store, method)(*args, **kwds)
-        if log_.durable != log_.written or log_.failure is not None:
+        # At least this call's entry, if it wrote one; a read waits for the
+        # writes it may have seen, unless the log is failing.
+        target = log_.appended
+        if log_.durable < target and (write or log_.failure is None):
             try:
-                log_.commit()
+                log_.commit(target)
             except PersistenceError:
                 if write:
                     raise
