@@ -316,15 +316,25 @@ def test_a_cron_job_with_a_jitter_runs_once_per_fire_in_4_workers(
 
     def window(now: float) -> tuple[float, float]:
         fire = 2 * math.ceil((now + 0.3) / 2)  # the next even second, some time ahead
-        return now + 0.1, fire + 1.5  # every jittered run of that fire, and no other
+        return now + 0.1, fire + 1.5  # every jittered run of that fire
 
     run_workers(cron_worker, url, window)
     state = SharedState(url)
-    assert state.get("runs") == 1
-    assert list(state.get_many(state.keys("ran:")).values()) == [1]
-    assert state.get("control:runs") == WORKERS  # each worker at its own time
-    [claim] = state.keys("apscheduler:tick:")
-    assert int(claim[-3:-1]) % 2 == 0, claim  # the cron time (an even second), not the run's
+    runs = state.get("runs")
+    # One fire, or two when a worker of a loaded machine paused its scheduler
+    # late: each ran once, under the claim of its cron time.
+    ran = state.get_many(state.keys("ran:"))
+    assert set(ran.values()) == {1}, ran
+    assert runs == len(ran), (runs, ran)
+    assert runs in (1, 2), (runs, ran)
+    claims = state.keys("apscheduler:tick:")
+    assert len(claims) == runs, claims
+    # the cron time (an even second), not the run's
+    assert all(int(claim[-3:-1]) % 2 == 0 for claim in claims), claims
+    control = state.get("control:runs")
+    assert control >= WORKERS, control  # each worker at its own time
+    assert control > runs, (control, runs)
+    state.close()
 
 
 # --- in one process: max_instances, an unavailable state, the inner executor --------
@@ -374,12 +384,17 @@ def test_an_unavailable_state_skips_the_fire(
     scheduler = BackgroundScheduler(executors={"default": SharedExecutor(SharedState(unreachable))})
     soon = datetime.now(timezone.utc) + timedelta(seconds=0.1)
     scheduler.add_job(ran.set, "date", run_date=soon, id="once")
+
+    def refused() -> bool:
+        return any("Error submitting job" in r.getMessage() for r in caplog.records)
+
     with caplog.at_level(logging.ERROR, logger="apscheduler"):
         scheduler.start()
-        time.sleep(1.2)  # past the state's connect_timeout (0.5 s)
+        # past the state's connect_timeout (0.5 s)
+        wait_for(refused, 10, "the scheduler to log the failed claim")
+        time.sleep(0.2)
         scheduler.shutdown()
     assert not ran.is_set()  # at most once: not run without a claim
-    assert any("Error submitting job" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_the_inner_executor_is_the_schedulers_default_unless_given(

@@ -93,11 +93,12 @@ def test_a_lease_has_one_holder_and_each_holder_a_larger_token(url: str) -> None
 
 def test_a_lease_is_renewed_past_its_ttl_while_held(url: str) -> None:
     state = SharedState(url)
-    lease = state.lease("renewed", ttl=1.0)
+    # Renewed every ttl/3: a renewal may come 1.3 s late on a loaded machine.
+    lease = state.lease("renewed", ttl=2.0)
     assert lease.acquire()
-    time.sleep(3.0)  # three ttls: only renewals keep it
+    time.sleep(5.0)  # two and a half ttls: only renewals keep it
     assert lease.held
-    assert _in_thread(lambda: state.lease("renewed", ttl=1.0).acquire(0)) is False
+    assert _in_thread(lambda: state.lease("renewed", ttl=2.0).acquire(0)) is False
     lease.release()
     state.close()
 
@@ -351,7 +352,7 @@ def test_run_once_bounds_the_wait(url: str) -> None:
 
     def slow() -> None:
         started.set()
-        time.sleep(1.5)
+        time.sleep(3.0)
 
     runner = threading.Thread(target=lambda: state.run_once("slow", slow))
     runner.start()
@@ -360,7 +361,7 @@ def test_run_once_bounds_the_wait(url: str) -> None:
     t0 = time.monotonic()
     with pytest.raises(LockTimeout):
         other.run_once("slow", slow, wait=0.3)
-    assert time.monotonic() - t0 < 1.2
+    assert time.monotonic() - t0 < 2.0
     calls: list[int] = []
     assert other.run_once("slow", lambda: calls.append(1), wait=0) is False
     assert calls == []  # it went on without running it: the first worker does
@@ -525,9 +526,9 @@ def test_a_periodic_job_runs_each_occurrence_once_across_workers(url: str) -> No
     runs = _run_jobs(url, shared=True)
     expected = 3.0 / INTERVAL
     assert set(runs.values()) == {1}, runs
-    # A slot every worker missed (a loaded machine) is skipped, by design.
-    assert len(runs) >= max(runs) - min(runs), runs
-    assert expected - 2 <= len(runs) <= expected + 2, runs
+    # A slot every worker missed (a loaded machine) is skipped, by design: the
+    # lower bound is loose, the job only has to keep firing.
+    assert expected / 2 <= len(runs) <= expected + 2, runs
     print(f"4 workers, {len(runs)} occurrences in 3 s, each once")
 
 
@@ -595,6 +596,11 @@ def test_the_scheduler_checks_its_jobs(url: str) -> None:
 
 
 def test_async_schedulers_share_their_occurrences(url: str) -> None:
+    """Three async schedulers on one loop, as three workers: each occurrence
+    runs once. A stalled loop skips slots by design, so the test waits for
+    enough occurrences (bounded) rather than counting those of a fixed time."""
+    wanted = 6
+
     async def main() -> Counter[int]:
         counts: Counter[int] = Counter()
         schedulers, states = [], [AsyncSharedState(url) for _ in range(3)]
@@ -607,7 +613,10 @@ def test_async_schedulers_share_their_occurrences(url: str) -> None:
 
             schedulers.append(scheduler)
             scheduler.start()
-        await asyncio.sleep(2.0)
+        deadline = time.monotonic() + 30
+        while len(counts) < wanted and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(INTERVAL / 2)  # a second run of the last slot would show
         for scheduler in schedulers:
             await scheduler.stop()
         for state in states:
@@ -616,4 +625,4 @@ def test_async_schedulers_share_their_occurrences(url: str) -> None:
 
     counts = asyncio.run(main())
     assert set(counts.values()) == {1}, counts
-    assert 2.0 / INTERVAL - 3 <= len(counts) <= 2.0 / INTERVAL + 1, counts
+    assert len(counts) >= wanted, counts
