@@ -14,20 +14,37 @@ from tests.harness import Deployment, Pairing, sample, ticks, wait_for
 
 TICK = 0.5  # seconds between occurrences in the timed test
 WINDOW = 10.0  # seconds it watches them
+STARTED_WITHIN = 60  # seconds for every sampled worker to be done with the start-up task
 
 
 def slots(body: dict[str, Any]) -> dict[int, int]:
     return {int(slot): runs for slot, runs in body["runs_per_slot"].items()}
 
 
+def started(d: Deployment, n: int, workers: int, at_most: int = 400) -> list[dict[str, Any]]:
+    """``sample()`` of /ticks, taken again until no sampled worker says its
+    start-up task is "pending": in Quart and FastAPI it runs in a background
+    task beside serving, so a worker may answer before it is done."""
+
+    def none_pending() -> list[dict[str, Any]]:
+        bodies = sample(d.url, "/ticks", n, workers=workers, at_most=at_most)
+        latest = {b["pid"]: b["startup_here"] for b in bodies}
+        return [] if "pending" in latest.values() else bodies
+
+    return wait_for(none_pending, STARTED_WITHIN, "no sampled worker's start-up task pending")
+
+
 def test_the_scheduled_job_and_the_start_up_task_ran_once(deployment: Deployment) -> None:
     # The run's shared deployment (a tick every 2 s) has served other tests by now.
     wait_for(lambda: len(slots(ticks(deployment))) >= 2, 10, "two ticks")
-    bodies = sample(deployment.url, "/ticks", 8, workers=3)
+    bodies = started(deployment, 8, workers=3)  # a recycled worker may be pending
     runs = slots(bodies[-1])
     assert set(runs.values()) == {1}, deployment.explain(f"an occurrence ran twice: {runs}")
-    # A slot every worker missed (a loaded machine) is skipped by design: rare.
-    assert len(runs) >= max(runs) - min(runs), f"occurrences missed: {sorted(runs)}"
+    # A slot every worker of a loaded machine woke up too late for is skipped by
+    # design: rare, but the shared deployment has lived for hundreds of seconds
+    # (the load tests among them), so allow two.
+    missed = max(runs) - min(runs) + 1 - len(runs)
+    assert missed <= 2, f"occurrences missed: {sorted(runs)}"
     assert bodies[-1]["startup"]["runs"] == 1, bodies[-1]
     seen = {b["pid"]: b["startup_here"] for b in bodies}
     assert set(seen.values()) <= {"ran here", "done by another worker"}, seen
@@ -92,9 +109,13 @@ def test_occurrences_run_once_and_go_on_when_their_worker_is_killed(
     expected = (end - start) / TICK
     # At most two missed: the killed worker's, if it died between its claim and
     # its run, and one that every worker of a loaded machine woke up too late for.
-    assert expected - 3 <= len(window) <= expected + 1, (len(window), expected, sorted(window))
+    # On Redis the killed worker holds the job's lease until its ttl runs out
+    # (1.5 s for a 0.5 s tick): up to 3 more slots skipped there.
+    leased = 3 if pairing.engine == "redis" else 0
+    low = expected - 3 - leased
+    assert low <= len(window) <= expected + 1, (len(window), expected, sorted(window))
     missed = max(window) - min(window) + 1 - len(window)
-    assert missed <= 2, f"occurrences missed: {sorted(window)}"
+    assert missed <= 2 + leased, f"occurrences missed: {sorted(window)}"
     print(f"{pairing}: {len(window)} occurrences in {end - start:.1f} s, each once{after_kill}")
 
 
@@ -102,7 +123,7 @@ def test_occurrences_run_once_and_go_on_when_their_worker_is_killed(
 def test_a_start_up_task_runs_once_for_16_workers(launch: Any) -> None:
     # A recycling storm is test_counter.py's recycling test, which checks /ticks too.
     d = launch(workers=16)
-    bodies = sample(d.url, "/ticks", 16, workers=16, at_most=600)
+    bodies = started(d, 16, workers=16, at_most=600)
     here = {b["pid"]: b["startup_here"] for b in bodies}
     assert set(here.values()) <= {"ran here", "done by another worker"}, here
     assert list(here.values()).count("ran here") <= 1, here
@@ -113,7 +134,7 @@ def test_a_start_up_task_runs_once_for_16_workers(launch: Any) -> None:
 @pytest.mark.only(name=ONE_PER_FRAMEWORK)
 def test_a_failed_start_up_task_is_seen_by_every_worker(launch: Any) -> None:
     d = launch(env={"START_UP_FAIL": "1"})
-    bodies = sample(d.url, "/ticks", 12, workers=4)
+    bodies = started(d, 12, workers=4)
     here = {b["pid"]: b["startup_here"] for b in bodies}
     assert len(here) == 4, here
     assert all(h.startswith("failed: ") and "START_UP_FAIL" in h for h in here.values()), here

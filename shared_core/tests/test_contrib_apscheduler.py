@@ -79,15 +79,17 @@ def _wait_until(moment: float) -> None:
 
 def _run(scheduler: Any, start_at: float, stop_at: float, out: Any) -> None:
     """Run ``scheduler`` from ``start_at`` to ``stop_at``, then let the runs in
-    flight end before shutting it down."""
+    flight end before shutting it down. Reports when it started and paused
+    (not when the shutdown, slow on a loaded machine, ended)."""
     _wait_until(start_at)
     started = time.time()
     scheduler.start()
     _wait_until(stop_at)
     scheduler.pause()
+    paused = time.time()
     time.sleep(0.3)
     scheduler.shutdown(wait=True)
-    out.put((os.getpid(), started, time.time()))
+    out.put((os.getpid(), started, paused))
 
 
 def background_worker(url: str, i: int, ready: Any, go: Any, out: Any) -> None:
@@ -139,12 +141,13 @@ def asyncio_worker(url: str, i: int, ready: Any, go: Any, out: Any) -> None:
         scheduler.start()
         await asyncio.sleep(stop_at - time.time())
         scheduler.pause()
+        paused = time.time()
         await asyncio.sleep(0.3)  # the async jobs in flight end (shutdown cancels them)
         scheduler.shutdown()
         await asyncio.sleep(0.05)  # AsyncIOScheduler shuts down in a callback of the loop
         assert not scheduler.running
         await astate.aclose()
-        out.put((os.getpid(), started, time.time()))
+        out.put((os.getpid(), started, paused))
 
     asyncio.run(main())
 
@@ -220,7 +223,7 @@ def run_workers(
 ) -> tuple[float, float]:
     """Run ``WORKERS`` processes of ``target``; once all are ready, each gets
     ``window(now)``, (start, stop) as times of the epoch. Returns the earliest
-    start and the latest stop of a scheduler."""
+    start and the latest pause of a scheduler."""
     ready, go, out = SPAWN.Queue(), SPAWN.Queue(), SPAWN.Queue()
     procs = [SPAWN.Process(target=target, args=(url, i, ready, go, out)) for i in range(WORKERS)]
     for p in procs:
@@ -257,7 +260,9 @@ def check_once_per_fire(state: SharedState, elapsed: float) -> int:
     assert 0.6 * expected <= runs <= 1.1 * expected, (runs, expected)
     assert len(state.keys("apscheduler:tick:")) == runs  # no claimed fire was dropped
     control = state.get("control:runs")
-    assert control > 3 * runs, (control, runs)  # the same job unshared: in every worker
+    # The same job unshared runs in every worker (a worker of a loaded machine
+    # coalesces the runs it missed, so not always 4 times as often).
+    assert control > 2 * runs, (control, runs)
     return int(runs)
 
 
@@ -315,26 +320,29 @@ def test_a_cron_job_with_a_jitter_runs_once_per_fire_in_4_workers(
     url = f"local://{isolated_state.app}?linger=10"
 
     def window(now: float) -> tuple[float, float]:
-        fire = 2 * math.ceil((now + 0.3) / 2)  # the next even second, some time ahead
-        return now + 0.1, fire + 1.5  # every jittered run of that fire
+        # An even second at least 1 s ahead, so that a worker starting late still
+        # sees it. The window opens after the even second before it (a scheduler
+        # fires no cron time earlier than its start) and closes after this fire's
+        # latest jittered run (fire + 1), before the next one's earliest (fire + 2).
+        fire = 2 * math.ceil((now + 1.0) / 2)
+        return max(now + 0.1, fire - 1.9), fire + 1.9
 
     run_workers(cron_worker, url, window)
-    state = SharedState(url)
-    runs = state.get("runs")
-    # One fire, or two when a worker of a loaded machine paused its scheduler
-    # late: each ran once, under the claim of its cron time.
-    ran = state.get_many(state.keys("ran:"))
-    assert set(ran.values()) == {1}, ran
-    assert runs == len(ran), (runs, ran)
-    assert runs in (1, 2), (runs, ran)
-    claims = state.keys("apscheduler:tick:")
-    assert len(claims) == runs, claims
-    # the cron time (an even second), not the run's
-    assert all(int(claim[-3:-1]) % 2 == 0 for claim in claims), claims
-    control = state.get("control:runs")
-    assert control >= WORKERS, control  # each worker at its own time
-    assert control > runs, (control, runs)
-    state.close()
+    with SharedState(url) as state:
+        runs = state.get("runs")
+        # One fire, or two when a worker of a loaded machine paused its scheduler
+        # late: each ran once, under the claim of its cron time.
+        ran = state.get_many(state.keys("ran:"))
+        assert set(ran.values()) == {1}, ran
+        assert runs == len(ran), (runs, ran)
+        assert runs in (1, 2), (runs, ran)
+        claims = state.keys("apscheduler:tick:")
+        assert len(claims) == runs, claims
+        # the cron time (an even second), not the run's
+        assert all(int(claim[-3:-1]) % 2 == 0 for claim in claims), claims
+        control = state.get("control:runs")
+        assert control >= WORKERS, control  # each worker at its own time
+        assert control > runs, (control, runs)
 
 
 # --- in one process: max_instances, an unavailable state, the inner executor --------
@@ -353,9 +361,10 @@ def test_a_busy_worker_leaves_the_fire_to_an_idle_one(url: str, shared_state: Sh
         with lock:
             ran[worker] += 1
 
-    schedulers = []
+    schedulers, states = [], []
     for worker in ("a", "b"):
-        scheduler = BackgroundScheduler(executors={"default": SharedExecutor(SharedState(url))})
+        states.append(SharedState(url))
+        scheduler = BackgroundScheduler(executors={"default": SharedExecutor(states[-1])})
         scheduler.add_job(
             slow, "interval", seconds=INTERVAL, args=[worker], id="slow", max_instances=1
         )
@@ -369,6 +378,8 @@ def test_a_busy_worker_leaves_the_fire_to_an_idle_one(url: str, shared_state: Sh
     time.sleep(0.8)
     for scheduler in schedulers:
         scheduler.shutdown()
+    for state in states:
+        state.close()
     assert skipped  # each was busy at times: APScheduler's own max_instances check
     assert ran["a"] > 0, ran
     assert ran["b"] > 0, ran
@@ -381,7 +392,8 @@ def test_an_unavailable_state_skips_the_fire(
     unreachable: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     ran = threading.Event()
-    scheduler = BackgroundScheduler(executors={"default": SharedExecutor(SharedState(unreachable))})
+    state = SharedState(unreachable)
+    scheduler = BackgroundScheduler(executors={"default": SharedExecutor(state)})
     soon = datetime.now(timezone.utc) + timedelta(seconds=0.1)
     scheduler.add_job(ran.set, "date", run_date=soon, id="once")
 
@@ -394,6 +406,7 @@ def test_an_unavailable_state_skips_the_fire(
         wait_for(refused, 10, "the scheduler to log the failed claim")
         time.sleep(0.2)
         scheduler.shutdown()
+    state.close()
     assert not ran.is_set()  # at most once: not run without a claim
 
 
@@ -405,6 +418,7 @@ def test_the_inner_executor_is_the_schedulers_default_unless_given(
     scheduler.start(paused=True)
     assert isinstance(background.inner, ThreadPoolExecutor)
     scheduler.shutdown()
+    background.state.close()
 
     async def on_a_loop() -> None:
         shared = SharedExecutor()
@@ -413,6 +427,7 @@ def test_the_inner_executor_is_the_schedulers_default_unless_given(
         assert isinstance(shared.inner, AsyncIOExecutor)
         scheduler.shutdown()
         await asyncio.sleep(0.05)
+        shared.state.close()
 
     asyncio.run(on_a_loop())
     given = ThreadPoolExecutor(max_workers=2)
@@ -422,6 +437,7 @@ def test_the_inner_executor_is_the_schedulers_default_unless_given(
     assert shared.inner is given
     assert shared.state.url == "local://default"
     scheduler.shutdown()
+    shared.state.close()
 
 
 # --- claim keys and ttls --------------------------------------------------------------
@@ -430,10 +446,12 @@ def test_the_inner_executor_is_the_schedulers_default_unless_given(
 @pytest.fixture
 def scheduler(isolated_state: IsolatedState) -> Iterator[Any]:
     """A paused scheduler: its jobs have their defaults and never run."""
-    scheduler = BackgroundScheduler(executors={"default": SharedExecutor(prefix="jobs")})
+    executor = SharedExecutor(prefix="jobs")
+    scheduler = BackgroundScheduler(executors={"default": executor})
     scheduler.start(paused=True)
     yield scheduler
     scheduler.shutdown()
+    executor.state.close()
 
 
 def at(text: str) -> datetime:
@@ -453,12 +471,14 @@ def test_claim_keys_name_the_fire(scheduler: Any) -> None:
     assert key(cron, at("2025-01-01 12:00:02.700000")) == "jobs:c:2025-01-01T12:00:02Z"
     assert key(cron, at("2025-01-01 12:00:04")) == "jobs:c:2025-01-01T12:00:04Z"
     # Without an id: the same job in another worker (another scheduler) gets the same key.
-    other = BackgroundScheduler(executors={"default": SharedExecutor(prefix="jobs")})
+    other_executor = SharedExecutor(prefix="jobs")
+    other = BackgroundScheduler(executors={"default": other_executor})
     other.start(paused=True)
     mine = scheduler.add_job(record, "date", run_date=at("2030-01-01 00:00:00"), args=["u"])
     theirs = other.add_job(record, "date", run_date=at("2030-01-01 00:00:00"), args=["u"])
     also = other.add_job(record, "date", run_date=at("2030-01-01 00:00:00"), args=["v"])
     other.shutdown()
+    other_executor.state.close()
     assert mine.id != theirs.id
     run_time = at("2030-01-01 00:00:00")
     assert key(mine, run_time) == key(theirs, run_time)
@@ -518,8 +538,10 @@ def test_an_async_state_or_a_nested_shared_executor_is_refused(
 
 def test_submitting_before_start_is_refused(scheduler: Any) -> None:
     job = scheduler.add_job(record, "interval", seconds=1, args=["u"], id="early")
+    unstarted = SharedExecutor()
     with pytest.raises(RuntimeError, match="not been started"):
-        SharedExecutor().submit_job(job, [datetime.now(timezone.utc)])
+        unstarted.submit_job(job, [datetime.now(timezone.utc)])
+    unstarted.state.close()
 
 
 # --- under a real app server ------------------------------------------------------
@@ -555,7 +577,7 @@ def _gunicorn_runs(url: str, shared: bool, tmp_path: Any, state: SharedState) ->
            "--chdir", str(tmp_path), "aps_app:app"]  # fmt: skip
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: state.get("booted") == 4, 60, "4 workers to start")
+        wait_for(lambda: state.get("booted", 0) >= 4, 60, "4 workers to start")
         first = state.get("runs", 0)
         started = time.monotonic()
         time.sleep(4.0)
@@ -563,7 +585,11 @@ def _gunicorn_runs(url: str, shared: bool, tmp_path: Any, state: SharedState) ->
         elapsed = time.monotonic() - started
     finally:
         server.terminate()
-        server.wait(30)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
     how = "shared" if shared else "per-worker"
     print(f"gunicorn, 4 workers, {how}: {runs} runs in {elapsed:.1f} s")
     return runs, elapsed / 0.5

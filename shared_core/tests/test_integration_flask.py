@@ -201,12 +201,31 @@ def test_schedule_runs_the_scheduler_in_the_worker_until_close(url: str) -> None
     def tick() -> None:
         state.incr("ticks")
 
-    assert schedule(app, scheduler) is scheduler
-    assert scheduler.running  # from the factory on
-    wait_for(lambda: state.get("ticks", 0) >= 2, 10, "two ticks")
-    close(app)
-    assert not scheduler.running
-    # A later request starts it again, as it does in a forked worker.
-    assert app.test_client().post("/incr").status_code == 200
-    assert scheduler.running
-    close(app)
+    try:
+        assert schedule(app, scheduler) is scheduler
+        assert scheduler.running  # from the factory on
+        wait_for(lambda: state.get("ticks", 0) >= 2, 10, "two ticks")
+        close(app)
+        assert not scheduler.running
+        # A later request starts it again, as it does in a forked worker.
+        assert app.test_client().post("/incr").status_code == 200
+        assert scheduler.running
+    finally:
+        close(app)
+
+
+def test_a_flask_command_starts_no_scheduler_until_a_request(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ``flask shell``, ``flask db upgrade``: the factory runs, no job should.
+    monkeypatch.setenv("FLASK_RUN_FROM_CLI", "true")
+    app = create_app(url)
+    scheduler = Scheduler(get_state(app))
+    scheduler.add(lambda: None, 1, name="noop")
+    try:
+        schedule(app, scheduler)
+        assert not scheduler.running
+        assert app.test_client().post("/incr").status_code == 200  # ``flask run``
+        assert scheduler.running
+    finally:
+        close(app)

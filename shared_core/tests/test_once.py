@@ -211,6 +211,26 @@ def test_a_dead_holder_loses_the_lease_and_a_frozen_one_is_fenced(url: str, engi
         state.close()
 
 
+def test_a_lease_lost_while_its_lock_lived_can_be_acquired_again(url: str) -> None:
+    """A renewal that failed for a whole ttl marks the lease lost, while its
+    lock (embedded, PostgreSQL) may live on: acquiring it again lets go of
+    that lock first instead of being refused by it forever."""
+    state = SharedState(url)
+    lease = state.lease("flaky", ttl=5)
+    assert lease.acquire()
+    first = lease.token
+    lease._lost = True  # what a renewal that gave up leaves
+    assert not lease.held
+    assert lease.acquire(2)
+    assert lease.held
+    assert lease.token is not None
+    assert first is not None
+    assert lease.token > first
+    lease.release()
+    assert _in_thread(lambda: state.lease("flaky", ttl=5).acquire(0)) is True
+    state.close()
+
+
 def test_a_holder_that_released_cannot_write_after_a_newer_one(url: str) -> None:
     state = SharedState(url)
     old = state.lease("writer", ttl=5)
@@ -373,6 +393,39 @@ def test_run_once_bounds_the_wait(url: str) -> None:
     other.close()
 
 
+def test_a_cancelled_async_run_once_lets_its_thread_finish_first(url: str) -> None:
+    """A plain function runs in a thread, which a cancellation cannot stop:
+    the lease is held until it ends and its outcome is recorded, so a
+    waiting worker neither runs it beside it nor again."""
+    runs: list[int] = []
+
+    def migrate() -> None:
+        runs.append(1)
+        time.sleep(1.0)
+        runs.append(-1)
+
+    async def main() -> bool:
+        state, other = AsyncSharedState(url), AsyncSharedState(url)
+        first = asyncio.create_task(state.run_once("migrate", migrate, wait=None))
+        deadline = time.monotonic() + 30
+        while not runs and time.monotonic() < deadline:  # the state server starts
+            await asyncio.sleep(0.02)
+        assert runs == [1]
+        waiter = asyncio.create_task(other.run_once("migrate", migrate, wait=30))
+        await asyncio.sleep(0.1)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(first, 30)
+        assert runs == [1, -1]  # the cancellation went on once the thread ended
+        ran = await asyncio.wait_for(waiter, 30)
+        await state.aclose()
+        await other.aclose()
+        return ran
+
+    assert asyncio.run(main()) is False  # done by the cancelled one: not run again
+    assert runs == [1, -1]
+
+
 def test_async_run_once_awaits_a_coroutine(url: str) -> None:
     async def main() -> tuple[bool, bool]:
         state, other = AsyncSharedState(url), AsyncSharedState(url)
@@ -422,6 +475,26 @@ def test_async_run_once_runs_a_plain_function_off_the_loop(url: str) -> None:
         return on_loop
 
     assert asyncio.run(main()) == [False]
+
+
+@pytest.mark.parametrize(
+    ("cmd", "program"),
+    [
+        (["/srv/venv/bin/gunicorn", "-w", "4", "app:app"], "gunicorn"),
+        (["python", "-u", "-m", "gunicorn", "app:app"], "gunicorn"),
+        (["/usr/bin/python3.11", "-X", "dev", "-W", "error", "-m", "uvicorn"], "uvicorn"),
+        (["python3", "-O", "/srv/venv/bin/hypercorn", "app:app"], "hypercorn"),
+        (["gunicorn: master [app:app]"], "gunicorn:"),
+        (["python", "manage.py", "gunicorn"], "manage.py"),
+        (["python", "-c", "import gunicorn"], ""),
+        (["python", "-m"], ""),
+        ([], ""),
+    ],
+)
+def test_the_server_is_found_in_its_command_line(cmd: list[str], program: str) -> None:
+    from shared_core._once import _program
+
+    assert _program(cmd) == program
 
 
 def test_the_start_of_a_deployment_is_its_server_master(tmp_path: Path) -> None:
@@ -581,6 +654,36 @@ def test_a_scheduler_started_from_many_threads_runs_once(url: str) -> None:
     assert len(loops) == 1, loops
     scheduler.stop()
     assert scheduler.running is False
+    state.close()
+
+
+def test_a_restarted_scheduler_counts_its_own_threads(url: str) -> None:
+    """Stopped and started again while a run goes on (one thread): the old run
+    gives its thread back to the old pool, so the new one still leaves the
+    slots it has no thread for to other workers, instead of queueing them."""
+    state = SharedState(url)
+    scheduler = Scheduler(state, max_workers=1)
+    late: list[float] = []
+    started = threading.Event()
+
+    @scheduler.every(0.2, name="slow", overlap=True)
+    def slow(occurrence: Occurrence) -> None:
+        late.append(time.time() - occurrence.due)
+        started.set()
+        time.sleep(1.5)
+
+    try:
+        scheduler.start()
+        assert started.wait(10)
+        scheduler.stop()
+        scheduler.start()
+        time.sleep(3.5)
+    finally:
+        scheduler.stop()
+    time.sleep(1.6)  # the runs end
+    # A queued occurrence would start a whole run (1.5 s) late.
+    assert max(late) < 0.75, late
+    assert len(late) >= 2, late
     state.close()
 
 

@@ -255,6 +255,34 @@ def test_async_lock_is_released_when_the_waiting_task_is_cancelled(url: str) -> 
     asyncio.run(main())
 
 
+def test_a_task_that_handled_its_cancellation_can_still_lock(url: str) -> None:
+    """Clean-up after a cancellation, under a lock: the cancellation was
+    delivered, so the lock and mutate calls that follow go through."""
+
+    async def main() -> Any:
+        state = AsyncSharedState(url)
+        done: list[Any] = []
+
+        async def work() -> None:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                async with state.lock("cleanup", timeout=5), state.mutate("cleaned", {}) as cleaned:
+                    cleaned["done"] = True
+                done.append(await state.get("cleaned"))
+                raise
+
+        task = asyncio.create_task(work())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+        await state.aclose()
+        return done
+
+    assert asyncio.run(main()) == [{"done": True}]
+
+
 def test_the_async_api_works_on_uvloop(url: str) -> None:
     # uvicorn runs on uvloop whenever it is installed (uvicorn[standard]).
     import uvloop

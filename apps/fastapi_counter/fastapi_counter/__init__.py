@@ -4,6 +4,7 @@
 """
 
 import asyncio
+import math
 import os
 import time
 from pathlib import Path
@@ -25,6 +26,20 @@ from shared_core import AsyncScheduler, AsyncSharedState, LockTimeout, Occurrenc
 from shared_core.contrib.aiocache import SharedStateCache
 from shared_core.starlette import SharedStateDep, background_task, init_app, lifespan
 
+
+def tick_seconds(value: str | float) -> float:
+    """``TICK_SECONDS`` checked: a finite number of seconds >= 0 (0: no scheduled job)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(
+            f"TICK_SECONDS must be a finite number of seconds >= 0 (0: no job), not {value!r}"
+        )
+    return seconds
+
+
 # What a copy changes: the name of its state (it picks a private socket), the limits.
 APP_NAME = "fastapi_counter"
 MAX_BY = 1000
@@ -34,7 +49,7 @@ SEEN_FOR = 60  # seconds a worker stays on the page's list of workers after it s
 LIMIT = "10/minute"  # /limited, per client address
 CACHE_FOR = 30  # seconds /cached keeps the value it computed
 START_WAIT = 60  # seconds a worker waits for the start-up task another one runs
-TICK_SECONDS = float(os.environ.get("TICK_SECONDS", "2"))  # the scheduled job; 0: none
+TICK_SECONDS = tick_seconds(os.environ.get("TICK_SECONDS", "2"))  # the scheduled job; 0: none
 TICKS_KEPT = 600  # seconds /ticks shows an occurrence of the scheduled job
 
 Key = Annotated[str, Query(pattern=r"^[A-Za-z0-9_.:-]+$", min_length=1, max_length=64)]

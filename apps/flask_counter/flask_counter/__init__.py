@@ -3,8 +3,8 @@
 ``create_app()`` builds the app; ``flask_counter.wsgi:app`` is what servers load.
 """
 
-import contextlib
 import json
+import math
 import os
 import re
 import time
@@ -28,17 +28,33 @@ from flask_session import Session  # type: ignore[import-untyped]
 from werkzeug.exceptions import HTTPException
 
 import shared_core.contrib.limits  # noqa: F401 - makes limits know shared://
-from shared_core import LockTimeout, Occurrence, RunOnceFailed, Scheduler, StateUnavailable
+from shared_core import LockTimeout, Occurrence, RunOnceFailed, Scheduler, StateError
 from shared_core.contrib.cachelib import SharedStateCache
 from shared_core.flask import SharedStateExtension, schedule, subscribe
+
+
+def tick_seconds(value: str | float) -> float:
+    """``TICK_SECONDS`` checked: a finite number of seconds >= 0 (0: no scheduled job)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(
+            f"TICK_SECONDS must be a finite number of seconds >= 0 (0: no job), not {value!r}"
+        )
+    return seconds
+
 
 # What a copy changes: the name of its state (it picks a private socket), the limits.
 shared = SharedStateExtension(app_name="flask_counter")
 cache = Cache()  # CACHE_TYPE below: one cache for every worker
 MAX_BY = 1000
 MAX_JOB_SECONDS = 30
-TICK_SECONDS = float(os.environ.get("TICK_SECONDS", "2"))  # the scheduled job; 0: none
-START_WAIT = 60  # seconds a worker waits for the start-up task another one runs
+TICK_SECONDS = tick_seconds(os.environ.get("TICK_SECONDS", "2"))  # the scheduled job; 0: none
+# Seconds a worker waits for the start-up task another one runs: below gunicorn's
+# worker timeout (30 s), since the first wait is in the factory, as the worker boots.
+START_WAIT = 20
 TICKS_KEPT = 600  # seconds /ticks shows an occurrence of the scheduled job
 SEEN_FOR = 60  # seconds a worker stays on the page's list of workers after it served the page
 LIMIT = "10 per minute"  # /limited, per client address, across all workers
@@ -55,6 +71,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         TICK_SECONDS=TICK_SECONDS,
     )
     app.config.from_mapping(test_config or {})
+    tick_every = tick_seconds(app.config["TICK_SECONDS"])  # 0: no scheduled job
 
     @app.before_request
     def limit_body() -> None:
@@ -113,27 +130,31 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     @app.before_request
     def warm_up_once() -> None:
-        # At start-up below; here again only if the state was away then.
+        # At start-up below; here again, before a request, while it is pending.
         if started["here"] == "pending":
             try:
                 ran = state.run_once("warm-up", warm_up, wait=START_WAIT)
                 started["here"] = "ran here" if ran else "done by another worker"
             except RunOnceFailed as exc:  # in every worker, not only the one that ran it
                 started["here"] = f"failed: {exc}"
+            except StateError as exc:
+                # The state away, or another worker's run not done within START_WAIT
+                # (LockTimeout): still pending, tried again before a later request,
+                # as the Quart and FastAPI apps try again in the background.
+                app.logger.warning("the start-up task is still pending: %s", exc)
 
-    with contextlib.suppress(StateUnavailable):
-        warm_up_once()
+    warm_up_once()  # a StateError only logged: the worker boots, a request tries again
 
     scheduler = Scheduler(state)
 
-    @scheduler.every(app.config["TICK_SECONDS"] or 1, name="tick")
+    @scheduler.every(tick_every or 1, name="tick")
     def tick(occurrence: Occurrence) -> None:
         # Once per period across all the workers, whichever are alive.
         state.incr("ticks")
         state.incr(f"tick:{occurrence.slot}", ttl=TICKS_KEPT)
         state.set("tick:last", {"pid": os.getpid(), "slot": occurrence.slot})
 
-    if app.config["TICK_SECONDS"] > 0:
+    if tick_every > 0:
         schedule(app, scheduler)  # in every worker, stopped with the app
 
     @app.route("/increment", methods=["GET", "POST"])

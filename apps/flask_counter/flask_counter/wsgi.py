@@ -6,9 +6,11 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import create_app
 
-app = create_app()
+# Only one of the two: create_app() starts the shared scheduler and the start-up task.
 if os.environ.get("COUNTER_MODE") == "naive":  # only to show the bug: see naive.py
     from .naive import app
+else:
+    app = create_app()
 
 # Behind nginx, trust that many proxies' X-Forwarded-* (never when clients reach us directly).
 if hops := int(os.environ.get("TRUSTED_PROXY_HOPS", "0")):

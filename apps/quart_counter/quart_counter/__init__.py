@@ -5,6 +5,7 @@
 
 import asyncio
 import json
+import math
 import os
 import re
 import time
@@ -30,6 +31,20 @@ from shared_core.contrib.aiocache import SharedStateCache
 from shared_core.contrib.quart_rate_limiter import SharedStateStore
 from shared_core.quart import SharedStateExtension, background_task
 
+
+def tick_seconds(value: str | float) -> float:
+    """``TICK_SECONDS`` checked: a finite number of seconds >= 0 (0: no scheduled job)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(
+            f"TICK_SECONDS must be a finite number of seconds >= 0 (0: no job), not {value!r}"
+        )
+    return seconds
+
+
 # What a copy changes: the name of its state (it picks a private socket), the limits.
 shared = SharedStateExtension(app_name="quart_counter")
 MAX_BY = 1000
@@ -38,7 +53,7 @@ SEEN_FOR = 60  # seconds a worker stays on the page's list of workers after it s
 LIMIT, LIMIT_PERIOD = 10, timedelta(minutes=1)  # /limited, per client address
 CACHE_FOR = 30  # seconds /cached keeps the value it computed
 START_WAIT = 60  # seconds a worker waits for the start-up task another one runs
-TICK_SECONDS = float(os.environ.get("TICK_SECONDS", "2"))  # the scheduled job; 0: none
+TICK_SECONDS = tick_seconds(os.environ.get("TICK_SECONDS", "2"))  # the scheduled job; 0: none
 TICKS_KEPT = 600  # seconds /ticks shows an occurrence of the scheduled job
 
 
@@ -47,6 +62,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Quart:
     app = Quart(__name__)
     app.config.update(MAX_CONTENT_LENGTH=16 * 1024, TICK_SECONDS=TICK_SECONDS)
     app.config.update(test_config or {})
+    tick_every = tick_seconds(app.config["TICK_SECONDS"])  # 0: no scheduled job
     state = shared.init_app(app)
     RateLimiter(app, store=SharedStateStore(state))  # one limit for all the workers
     cache = SharedStateCache(state, ttl=CACHE_FOR)  # an aiocache cache all the workers share
@@ -98,14 +114,14 @@ def create_app(test_config: dict[str, Any] | None = None) -> Quart:
 
     scheduler = AsyncScheduler(state)
 
-    @scheduler.every(app.config["TICK_SECONDS"] or 1, name="tick")
+    @scheduler.every(tick_every or 1, name="tick")
     async def tick(occurrence: Occurrence) -> None:
         # Once per period across all the workers, whichever are alive.
         await state.incr("ticks")
         await state.incr(f"tick:{occurrence.slot}", ttl=TICKS_KEPT)
         await state.set("tick:last", {"pid": os.getpid(), "slot": occurrence.slot})
 
-    if app.config["TICK_SECONDS"] > 0:
+    if tick_every > 0:
         background_task(app, scheduler.run)  # in every worker, cancelled at shutdown
 
     @app.before_request

@@ -9,11 +9,13 @@ firing when the worker that ran the last one dies: the others claim the next
 slots. Workers on several machines need synchronised clocks (NTP).
 
 At most once: an occurrence whose worker dies mid-run is not run again (it
-may have had effects, such as sending mail, that a second run would repeat);
-the next occurrence runs on time. A slot every worker missed (all busy, the
-state unavailable) is skipped, not caught up. With ``overlap=False`` (the
-default) an occurrence that finds the previous one still running, in any
-worker, is skipped too: it holds a lease while it runs.
+may have had effects, such as sending mail, that a second run would repeat).
+A slot every worker missed (all busy, the state unavailable) is skipped, not
+caught up. With ``overlap=False`` (the default) an occurrence that finds the
+previous one still running, in any worker, is skipped too: it holds a lease
+while it runs. That lease is freed at once when its worker dies on the
+embedded engine and PostgreSQL; on Redis it runs out after 3 intervals (at
+least 1.5 s, at most 10 s), skipping the occurrences due until then.
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ class _Job:
 
     @property
     def lease_ttl(self) -> float:
-        return max(10.0, 3 * self.interval)
+        # Short on Redis, where a worker killed mid-run holds it until it
+        # expires (renewed while the run goes on): at most 3 slots, 10 s.
+        return min(10.0, max(1.5, 3 * self.interval))
 
 
 class _Plan:
@@ -178,9 +182,6 @@ class Scheduler(_Every):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
-        # Free threads of the pool: a worker with none claims nothing and
-        # leaves the occurrence to another.
-        self._free = threading.BoundedSemaphore(max_workers)
         self._lock = threading.Lock()
         self._pid = 0  # of the process whose thread runs: none runs in a forked child
 
@@ -212,11 +213,17 @@ class Scheduler(_Every):
             if self.running:
                 return
             self._stop = threading.Event()
-            self._free = threading.BoundedSemaphore(self._max_workers)
             self._pool = ThreadPoolExecutor(self._max_workers, thread_name_prefix="shared_core job")
             self._pid = os.getpid()
+            # Free threads of the pool: a worker with none claims nothing and
+            # leaves the occurrence to another. Each start has its own count: a
+            # run from before a restart gives its thread back to its own pool.
+            free = threading.BoundedSemaphore(self._max_workers)
             self._thread = threading.Thread(
-                target=self._loop, args=(self._stop,), name="shared_core scheduler", daemon=True
+                target=self._loop,
+                args=(self._stop, self._pool, free),
+                name="shared_core scheduler",
+                daemon=True,
             )
             self._thread.start()
 
@@ -232,11 +239,13 @@ class Scheduler(_Every):
         if pool is not None:
             pool.shutdown(wait=False)
 
-    def _loop(self, stop: threading.Event) -> None:
+    def _loop(
+        self, stop: threading.Event, pool: ThreadPoolExecutor, free: threading.BoundedSemaphore
+    ) -> None:
         self._plan.reset(time.time())
         while not stop.wait(self._plan.wait(time.time())):
             for job, occurrence in self._plan.due(time.time()):
-                if not self._free.acquire(blocking=False):
+                if not free.acquire(blocking=False):
                     log.info("job %s: slot %d left to another worker, all threads busy",
                              job.name, occurrence.slot)  # fmt: skip
                     continue
@@ -244,7 +253,7 @@ class Scheduler(_Every):
                 try:
                     key, claim = _claim(occurrence)
                     if self._state.add(key, claim, ttl=job.claim_ttl):
-                        submitted = self._submit(stop, job, occurrence)
+                        submitted = self._submit(stop, pool, free, job, occurrence)
                         if not submitted:
                             return  # stopped: the claim runs out unused
                 except StateError as exc:
@@ -253,19 +262,25 @@ class Scheduler(_Every):
                     )
                 finally:
                     if not submitted:
-                        self._free.release()
+                        free.release()
 
-    def _submit(self, stop: threading.Event, job: _Job, occurrence: Occurrence) -> bool:
-        pool = self._pool
-        if pool is None or stop.is_set():
+    def _submit(
+        self,
+        stop: threading.Event,
+        pool: ThreadPoolExecutor,
+        free: threading.BoundedSemaphore,
+        job: _Job,
+        occurrence: Occurrence,
+    ) -> bool:
+        if stop.is_set():
             return False
         try:
-            pool.submit(self._run, job, occurrence)
+            pool.submit(self._run, job, occurrence, free)
         except RuntimeError:  # shut down by stop() meanwhile
             return False
         return True
 
-    def _run(self, job: _Job, occurrence: Occurrence) -> None:
+    def _run(self, job: _Job, occurrence: Occurrence, free: threading.BoundedSemaphore) -> None:
         try:
             if job.overlap:
                 job.func(*_args(job, occurrence))
@@ -283,7 +298,7 @@ class Scheduler(_Every):
         except Exception:
             log.exception("job %s failed (slot %d)", job.name, occurrence.slot)
         finally:
-            self._free.release()
+            free.release()
 
 
 class AsyncScheduler(_Every):
@@ -350,12 +365,14 @@ class AsyncScheduler(_Every):
         return self._task
 
     async def stop(self) -> None:
-        """Cancel the task :meth:`start` made and wait for it."""
+        """Cancel the task :meth:`start` made and wait for it (at most
+        ``2 * STOP_TIMEOUT`` seconds)."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             # wait(), not await: a cancellation of the caller still reaches it.
-            await asyncio.wait([task])
+            # run() waits at most STOP_TIMEOUT for its running occurrences.
+            await asyncio.wait([task], timeout=2 * STOP_TIMEOUT)
 
     async def _call(self, job: _Job, occurrence: Occurrence) -> None:
         if inspect.iscoroutinefunction(job.func):

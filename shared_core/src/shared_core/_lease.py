@@ -201,6 +201,9 @@ class Lease(_Common):
         self._forget_if_forked()
         if self.held:
             return True
+        if self._handle is not None:  # lost: let go of what is left (a lock) first
+            with contextlib.suppress(StateError):
+                self.release()
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._by_lock:
             try:
@@ -266,7 +269,8 @@ class Lease(_Common):
         """Give the lease up (nothing happens if this object does not hold it).
 
         RuntimeError from another thread than the one that acquired it, on
-        the embedded engine and PostgreSQL (its lock is that thread's)."""
+        the embedded engine and PostgreSQL (a lease backed by a lock belongs
+        to the thread that took it, as the lock does on the embedded engine)."""
         if self._forget_if_forked():
             return
         if self._handle is not None and self._by_lock and self._thread != threading.get_ident():
@@ -360,6 +364,9 @@ class AsyncLease(_Common):
         self._forget_if_forked()
         if self.held:
             return True
+        if self._handle is not None:  # lost: let go of what is left (a lock) first
+            with contextlib.suppress(StateError):
+                await self.release()
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._by_lock:
             handle = await self._state._engine.lock_acquire(self._lock_name, timeout)
@@ -438,7 +445,9 @@ class AsyncLease(_Common):
         if renewer is not None and renewer is not asyncio.current_task():
             renewer.cancel()
             # wait(), not await: a cancellation of the caller still reaches it.
-            await asyncio.wait([renewer])
+            # Bounded: a renewer whose cancellation a client lost stops at
+            # its next turn anyway (it is no longer self._renewer).
+            await asyncio.wait([renewer], timeout=self._state._config.op_timeout + 1)
         handle, self._handle = self._handle, None
         if handle is None:
             return
@@ -484,6 +493,8 @@ class AsyncLease(_Common):
         ok_at = time.monotonic()
         while True:
             await asyncio.sleep(self.ttl / 3)
+            if self._renewer is not asyncio.current_task():
+                return  # released, or replaced by a later acquire's renewer
             try:
                 if not await self.renew():
                     log.warning("lease %r was lost to another holder", self.name)

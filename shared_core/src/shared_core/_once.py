@@ -26,6 +26,7 @@ Keys used: ``shared_core:once:NAME:START`` (the outcome of a start, kept
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import multiprocessing
@@ -62,7 +63,20 @@ def deployment_start() -> str:
     # forked by a server master; otherwise a process of its own.
     spawned = multiprocessing.parent_process() is not None
     master = parent if spawned or _is_server(parent) else os.getpid()
-    return f"{socket.gethostname()}:{master}:{_started(master)}"
+    started = _started(master)
+    if started == "?":
+        _warn_no_proc()
+    return f"{socket.gethostname()}:{master}:{started}"
+
+
+@functools.cache
+def _warn_no_proc() -> None:
+    log.warning(
+        "no /proc here: a worker cannot find its server's master, so each worker "
+        "counts as a start of its own; set %s (a release id, say) to run "
+        "start-up tasks once",
+        ENV,
+    )
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -73,9 +87,28 @@ def _cmdline(pid: int) -> list[str]:
 
 
 def _is_server(pid: int) -> bool:
-    # The program name or the module (``python -m gunicorn``), not any argument.
-    words = [Path(w).name for w in _cmdline(pid)[:3]]
-    return any(w.startswith(name) for w in words for name in SERVERS)
+    return any(_program(_cmdline(pid)).startswith(name) for name in SERVERS)
+
+
+def _program(cmd: list[str]) -> str:
+    """What ``cmd`` runs: its program, or for Python the module (``-m``) or
+    script after the interpreter's options; never another argument."""
+    if not cmd:
+        return ""
+    # A title set with setproctitle ("gunicorn: master [app]") is one word.
+    first = cmd[0] if os.path.exists(cmd[0]) else cmd[0].split(" ")[0]
+    program = Path(first).name
+    if not program.startswith("python"):
+        return program
+    words = iter(cmd[1:])
+    for word in words:
+        if word == "-m":
+            return next(words, "")
+        if word in ("-X", "-W", "--check-hash-based-pycs"):  # an option's value follows
+            next(words, None)
+        elif word == "-c" or not word.startswith("-"):
+            return "" if word == "-c" else Path(word).name
+    return ""
 
 
 def _started(pid: int) -> str:
@@ -225,6 +258,27 @@ def run_once(
             return False
 
 
+async def _arun(
+    state: AsyncSharedState,
+    key: str,
+    start: str,
+    name: str,
+    ttl: float,
+    func: Callable[[], Awaitable[Any]],
+) -> None:
+    """Await ``func()`` (and an awaitable it returns) and record its outcome."""
+    try:
+        result = await func()
+        if inspect.isawaitable(result):
+            await result
+    except Exception as exc:
+        failed = _status(start, "failed", exc)
+        await _awrite(partial(state.set, key, failed, ttl=KEEP), time.monotonic() + ttl)
+        raise _failed(name, exc) from exc
+    done = _status(start, "done")
+    await _awrite(partial(state.set, key, done, ttl=KEEP), time.monotonic() + ttl)
+
+
 async def arun_once(
     state: AsyncSharedState,
     name: str,
@@ -234,7 +288,10 @@ async def arun_once(
     ttl: float = 30.0,
 ) -> bool:
     """The async twin of :func:`run_once`: ``func`` may be a coroutine
-    function; a plain function runs in a thread, off the event loop."""
+    function; a plain function runs in a thread, off the event loop. A thread
+    cannot be stopped: a caller cancelled while it runs waits for it to end
+    (and its outcome to be recorded) before the cancellation goes on, so the
+    lease is held as long as ``func`` runs."""
     timeout, ttl = _check(name, func, wait, ttl)
     start = deployment_start()
     key = f"{PREFIX}{name}:{start}"
@@ -249,19 +306,23 @@ async def arun_once(
                 if _outcome(await state.get(key), start, name):
                     return False
                 await state.set(key, _status(start, "running"), ttl=KEEP)
+                if inspect.iscoroutinefunction(func):
+                    await _arun(state, key, start, name, ttl, func)
+                    return True
+                # Off the loop: blocking it would also stop the lease's renewals.
+                # A thread cannot be stopped: a cancelled caller waits for it and
+                # its outcome, still holding the lease, so that no waiter runs
+                # it beside it, or again once it is done.
+                run = asyncio.ensure_future(
+                    _arun(state, key, start, name, ttl, partial(asyncio.to_thread, func))
+                )
                 try:
-                    if inspect.iscoroutinefunction(func):
-                        await func()
-                    else:  # blocking the loop would also stop the lease's renewals
-                        result = await asyncio.to_thread(func)
-                        if inspect.isawaitable(result):
-                            await result
-                except Exception as exc:
-                    failed = _status(start, "failed", exc)
-                    await _awrite(partial(state.set, key, failed, ttl=KEEP), time.monotonic() + ttl)
-                    raise _failed(name, exc) from exc
-                done = _status(start, "done")
-                await _awrite(partial(state.set, key, done, ttl=KEEP), time.monotonic() + ttl)
+                    await asyncio.shield(run)
+                except asyncio.CancelledError:
+                    await asyncio.wait([run])
+                    if not run.cancelled() and run.exception() is not None:
+                        log.warning("run_once %r, cancelled: %s", name, run.exception())
+                    raise
                 return True
             finally:
                 try:

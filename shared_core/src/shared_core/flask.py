@@ -150,6 +150,10 @@ def schedule(app: Flask, scheduler: Scheduler) -> Scheduler:
     each request, so that a worker forked from a process where it ran starts
     its own; stopped in :func:`close`. Returns ``scheduler``.
 
+    Under the ``flask`` command (``flask shell``, ``flask db upgrade``,
+    ``flask run``) it starts on the first request only: a command that
+    creates the app to do its own work claims no occurrence.
+
     Each occurrence of its jobs runs once across the deployment (see
     :class:`~shared_core.Scheduler`). With gunicorn's ``--preload`` the
     factory runs in the master, whose scheduler would claim occurrences too,
@@ -168,15 +172,19 @@ def schedule(app: Flask, scheduler: Scheduler) -> Scheduler:
             scheduler.start()
 
     app.before_request(start_here)
-    start_here()
+    # Flask's command line sets this for every command it runs.
+    if os.environ.get("FLASK_RUN_FROM_CLI") != "true":
+        start_here()
     return scheduler
 
 
 def close(app: Flask | None = None) -> None:
-    """Stop the subscriptions of ``app`` and close its state's connections.
+    """Stop the subscriptions and the schedulers of ``app`` and close its
+    state's connections.
 
     Runs by itself when the process exits; call it where an app's life ends
-    earlier (in tests). A later request subscribes and connects again.
+    earlier (in tests). A later request subscribes, starts the schedulers and
+    connects again.
 
     Parameters:
         app: an app passed to :meth:`SharedStateExtension.init_app` (default:

@@ -818,8 +818,9 @@ class AsyncRedisEngine(_Engine):
         return await self._run(self.cmd.info())
 
     async def lock_acquire(self, name: str, timeout: float | None) -> str | None:
+        before = _cancel_requests()
         token = await self._acquire(self.cmd.lock_acquire(name), timeout)
-        if token is not None and _cancel_swallowed():
+        if token is not None and _cancel_requests() > before:
             await self.lock_release(token, name)
             raise asyncio.CancelledError
         return token
@@ -828,9 +829,10 @@ class AsyncRedisEngine(_Engine):
         await self._run(self.cmd.lock_release(handle, name))
 
     async def mutate_begin(self, key: str, timeout: float | None) -> tuple[str, Raw | None]:
+        before = _cancel_requests()
         got = await self._acquire(self.cmd.mutate_begin(key), timeout)
         begun = self.cmd.mutate_begun(got, key, timeout)
-        if _cancel_swallowed():
+        if _cancel_requests() > before:
             await self.mutate_end(begun[0], key, None, False)
             raise asyncio.CancelledError
         return begun
@@ -871,10 +873,11 @@ class AsyncRedisEngine(_Engine):
         await self.client.connection_pool.disconnect()
 
 
-def _cancel_swallowed() -> bool:
-    """Whether this task was asked to cancel and went on: a cancellation that
-    lands as redis-py completes a command can be lost (seen on Python 3.11:
-    a cancelled lock waiter then held the lock). Python 3.10 cannot tell."""
+def _cancel_requests() -> int:
+    """How many cancellations of this task are pending. One more after a
+    command than before it was swallowed: a cancellation that lands as
+    redis-py completes a command can be lost (seen on Python 3.11: a cancelled
+    lock waiter then held the lock). Python 3.10 cannot tell (always 0)."""
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)
-    return bool(cancelling is not None and cancelling())
+    return int(cancelling()) if cancelling is not None else 0
