@@ -170,8 +170,8 @@ def test_a_dead_holder_loses_the_lease_and_a_frozen_one_is_fenced(url: str, engi
         old_token = parent_end.recv()
         lease = state.lease("leader", ttl=ttl)
         assert lease.acquire(0) is False
+        frozen = time.monotonic()  # before: a stall after the kill only adds to took_over
         os.kill(pid, signal.SIGSTOP)
-        frozen = time.monotonic()
         if engine == "redis":
             # A frozen holder keeps nothing past its ttl on Redis.
             assert lease.acquire(ttl + 5)
@@ -192,11 +192,12 @@ def test_a_dead_holder_loses_the_lease_and_a_frozen_one_is_fenced(url: str, engi
             # ... while the embedded engine and PostgreSQL keep a frozen
             # holder's lease (its connection lives) and free it at its death.
             assert lease.acquire(ttl * 1.5) is False
-            os.kill(pid, signal.SIGKILL)
             killed = time.monotonic()
-            assert lease.acquire(5)
+            os.kill(pid, signal.SIGKILL)
+            assert lease.acquire(10)
             took_over = time.monotonic() - killed
-            assert took_over < 1.0, took_over
+            # At its death, not at an expiry: it outlived 1.5 ttls frozen above.
+            assert took_over < 5.0, took_over
             print(f"{engine}: a killed holder's lease taken over {took_over * 1000:.0f} ms later")
             assert lease.token is not None
             assert lease.token > old_token
@@ -227,7 +228,14 @@ def test_a_lease_lost_while_its_lock_lived_can_be_acquired_again(url: str) -> No
     assert first is not None
     assert lease.token > first
     lease.release()
-    assert _in_thread(lambda: state.lease("flaky", ttl=5).acquire(0)) is True
+
+    def take_and_give_back() -> bool:
+        other = state.lease("flaky", ttl=5)
+        taken = other.acquire(0)
+        other.release()  # and its renewer stops
+        return taken
+
+    assert _in_thread(take_and_give_back) is True
     state.close()
 
 
@@ -314,10 +322,13 @@ def _start_worker(url: str, how: str, go: Any, out: Any) -> None:
         if how == "die":
             os.kill(os.getpid(), signal.SIGKILL)
 
+    # A short ttl only where the runner dies (Redis frees its lease then): a
+    # runner of a loaded machine that stalls past it would lose it midway.
+    ttl = 1.5 if how == "die" else 30.0
     go.wait(30)
     try:
         out.put(
-            ("ran" if state.run_once("warm", task, wait=20, ttl=1.5) else "waited", os.getpid())
+            ("ran" if state.run_once("warm", task, wait=20, ttl=ttl) else "waited", os.getpid())
         )
     except RunOnceFailed as exc:
         out.put((f"failed: {exc}", os.getpid()))
@@ -332,6 +343,9 @@ def _run_workers(url: str, how: str, n: int) -> list[str]:
     results = []
     for proc in procs:
         proc.join(40)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join(5)
     while not out.empty():
         results.append(out.get(timeout=5)[0])
     return results
@@ -587,7 +601,11 @@ def _run_jobs(url: str, shared: bool, seconds: float = 3.0, n: int = 4) -> Count
     go.set()
     for proc in procs:
         proc.join(seconds + 30)
-        assert proc.exitcode == 0
+    for proc in procs:
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join(5)
+    assert [proc.exitcode for proc in procs] == [0] * n
     state = SharedState(url)
     found = state.get_many(state.keys("ran:"))
     state.close()
