@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,9 +219,16 @@ class Deployment:
         return self.log.read_text(errors="replace")
 
     def explain(self, message: str) -> str:
-        """``message`` followed by what the server printed (its last 80 lines)."""
-        tail = "\n".join(self.output().splitlines()[-80:])
-        return f"{message}\n--- {self.pairing} output ---\n{tail}"
+        """``message`` followed by what the server printed: the first
+        traceback of each kind of exception (the cause, often scrolled far up
+        by the lines that follow) and its last 80 lines."""
+        lines = self.output().splitlines()
+        parts = [message]
+        for block in _tracebacks(lines[:-80], 3):
+            parts.append(f"--- {self.pairing} output, a traceback ---\n{block}")
+        parts.append(f"--- {self.pairing} output, its last 80 lines ---")
+        parts.extend(lines[-80:])
+        return "\n".join(parts)
 
     def state_servers(self) -> list[psutil.Process]:
         """Live state-server processes started for this deployment."""
@@ -526,6 +534,12 @@ class Outcome:
     def pids(self) -> set[int]:
         return {body["pid"] for body in self.ok if "pid" in body}
 
+    def beyond(self, allowed: set[int]) -> str:
+        """The statuses seen, and the first three replies of a status not in ``allowed``."""
+        statuses = Counter(status for status, _ in self.replies)
+        strays = [reply for reply in self.replies if reply[0] not in allowed][:3]
+        return f"statuses: {dict(statuses)}; the first others: {strays}"
+
 
 def hammer(
     url: str,
@@ -620,3 +634,29 @@ CHAOS_ROWS: list[dict[str, Any]] = []
 
 if __name__ == "__main__":
     print(pairing_table(), end="")
+
+
+def _tracebacks(lines: list[str], most: int) -> list[str]:
+    """The first traceback of each kind of exception in ``lines`` (at most
+    ``most``, its last 80 lines each); a chained one counts by its last exception."""
+    found: dict[str, str] = {}
+    i = 0
+    while i < len(lines) and len(found) < most:
+        if not lines[i].startswith("Traceback"):
+            i += 1
+            continue
+        end = i + 1
+        while end < len(lines):
+            line = lines[end]
+            chained = line.startswith(("The above exception", "During handling"))
+            if line.startswith((" ", "Traceback")) or not line or chained:
+                end += 1
+            elif end + 1 < len(lines) and not lines[end + 1].strip():
+                end += 1  # an exception line a chained traceback follows
+            else:
+                break
+        last = lines[end] if end < len(lines) else ""
+        kind = last.split(":", 1)[0]
+        found.setdefault(kind, "\n".join(lines[i : end + 1][-80:]))
+        i = end + 1
+    return list(found.values())

@@ -127,9 +127,13 @@ def asyncio_worker(url: str, i: int, ready: Any, go: Any, out: Any) -> None:
         )
         scheduler.add_job(tick, "interval", seconds=INTERVAL, id="tick", misfire_grace_time=GRACE)
         scheduler.add_job(
-            control, "interval", seconds=INTERVAL, id="control", executor="local",
+            control,
+            "interval",
+            seconds=INTERVAL,
+            id="control",
+            executor="local",
             misfire_grace_time=GRACE,
-        )  # fmt: skip
+        )
         scheduler.add_listener(slot_recorder(url, "tick", INTERVAL), EVENT_JOB_EXECUTED)
         await astate.get("warm-up")
         _state(url).get("warm-up")
@@ -366,7 +370,13 @@ def test_a_busy_worker_leaves_the_fire_to_an_idle_one(url: str, shared_state: Sh
         states.append(SharedState(url))
         scheduler = BackgroundScheduler(executors={"default": SharedExecutor(states[-1])})
         scheduler.add_job(
-            slow, "interval", seconds=INTERVAL, args=[worker], id="slow", max_instances=1
+            slow,
+            "interval",
+            seconds=INTERVAL,
+            args=[worker],
+            id="slow",
+            max_instances=1,
+            misfire_grace_time=GRACE,
         )
         scheduler.add_listener(lambda event, w=worker: skipped.append(w), EVENT_JOB_MAX_INSTANCES)
         schedulers.append(scheduler)
