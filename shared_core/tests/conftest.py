@@ -31,6 +31,18 @@ from shared_core.testing import (
 )
 
 
+def join_or_kill(procs: list[Any], timeout: float) -> None:
+    """Join each of ``procs`` (``multiprocessing`` processes), waiting at most
+    ``timeout`` seconds for each; kill those still running, so that a stuck
+    child fails its test (exit code not 0) instead of outliving it."""
+    for proc in procs:
+        proc.join(timeout)
+    for proc in procs:
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join(5)
+
+
 def server_processes(app: str) -> list[psutil.Process]:
     """The live state-server processes of ``app``."""
     return state_servers(app)

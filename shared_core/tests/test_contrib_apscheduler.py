@@ -33,6 +33,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[impo
 from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
 from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
 
+from conftest import join_or_kill
 from shared_core import AsyncSharedState, SharedState
 from shared_core.contrib.apscheduler import MARGIN, SharedExecutor
 from shared_core.testing import IsolatedState, wait_for
@@ -240,10 +241,7 @@ def run_workers(
             go.put(start_stop)
         results = [out.get(timeout=60) for _ in procs]
     finally:
-        for p in procs:
-            p.join(30)
-            if p.exitcode is None:
-                p.kill()
+        join_or_kill(procs, 30)
     assert [p.exitcode for p in procs] == [0] * WORKERS
     assert len({pid for pid, _, _ in results}) == WORKERS
     return min(r[1] for r in results), max(r[2] for r in results)

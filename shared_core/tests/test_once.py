@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from conftest import join_or_kill
 from shared_core import (
     AsyncScheduler,
     AsyncSharedState,
@@ -341,11 +342,7 @@ def _run_workers(url: str, how: str, n: int) -> list[str]:
         proc.start()
     go.set()
     results = []
-    for proc in procs:
-        proc.join(40)
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join(5)
+    join_or_kill(procs, 40)
     while not out.empty():
         results.append(out.get(timeout=5)[0])
     return results
@@ -599,12 +596,7 @@ def _run_jobs(url: str, shared: bool, seconds: float = 3.0, n: int = 4) -> Count
     for _ in procs:  # every worker imported and connected
         ready.get(timeout=30)
     go.set()
-    for proc in procs:
-        proc.join(seconds + 30)
-    for proc in procs:
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join(5)
+    join_or_kill(procs, seconds + 30)
     assert [proc.exitcode for proc in procs] == [0] * n
     state = SharedState(url)
     found = state.get_many(state.keys("ran:"))
