@@ -682,19 +682,22 @@ def test_a_restarted_scheduler_counts_its_own_threads(url: str) -> None:
         started.set()
         time.sleep(2.5)
 
+    state.get("warm-up")  # connected before the first slot: only the restart is timed
     try:
         scheduler.start()
         assert started.wait(10)
         scheduler.stop()
+        before = len(late)
         scheduler.start()
         time.sleep(5.5)
     finally:
         scheduler.stop()
     time.sleep(2.6)  # the runs end
+    after = late[before:]
     # A queued occurrence would start almost a whole run (2.5 s) late; a
-    # loaded machine starts one late by a fraction of that.
-    assert max(late) < 1.5, late
-    assert len(late) >= 2, late
+    # loaded machine starts one late by a fraction of that. The run before the
+    # restart is not the point (CI once saw it start 2.1 s late, connecting).
+    assert after and max(after) < 1.5, late
     state.close()
 
 
