@@ -78,14 +78,23 @@ def _wait_until(moment: float) -> None:
     time.sleep(max(0.0, moment - time.time()))
 
 
-def _run(scheduler: Any, start_at: float, stop_at: float, out: Any) -> None:
-    """Run ``scheduler`` from ``start_at`` to ``stop_at``, then let the runs in
-    flight end before shutting it down. Reports when it started and paused
-    (not when the shutdown, slow on a loaded machine, ended)."""
+def _run(
+    scheduler: Any,
+    start_at: float,
+    stop_at: float,
+    out: Any,
+    until: Callable[[], bool] | None = None,
+) -> None:
+    """Run ``scheduler`` from ``start_at`` to ``stop_at`` (and, if given, until
+    ``until()``), then let the runs in flight end before shutting it down.
+    Reports when it started and paused (not when the shutdown, slow on a
+    loaded machine, ended)."""
     _wait_until(start_at)
     started = time.time()
     scheduler.start()
     _wait_until(stop_at)
+    if until is not None:
+        wait_for(until, 30, "the scheduler to submit what it had to")
     scheduler.pause()
     paused = time.time()
     time.sleep(0.3)
@@ -123,9 +132,8 @@ def asyncio_worker(url: str, i: int, ready: Any, go: Any, out: Any) -> None:
             await astate.incr("control:runs")
 
         # No inner executor given: the scheduler's own default, an AsyncIOExecutor.
-        scheduler = AsyncIOScheduler(
-            executors={"default": SharedExecutor(_state(url)), "local": AsyncIOExecutor()}
-        )
+        shared, local = SharedExecutor(_state(url)), AsyncIOExecutor()
+        scheduler = AsyncIOScheduler(executors={"default": shared, "local": local})
         scheduler.add_job(tick, "interval", seconds=INTERVAL, id="tick", misfire_grace_time=GRACE)
         scheduler.add_job(
             control,
@@ -147,7 +155,14 @@ def asyncio_worker(url: str, i: int, ready: Any, go: Any, out: Any) -> None:
         await asyncio.sleep(stop_at - time.time())
         scheduler.pause()
         paused = time.time()
-        await asyncio.sleep(0.3)  # the async jobs in flight end (shutdown cancels them)
+        # The runs in flight end (shutdown cancels them, dropping a claimed
+        # fire): waited for, as a loaded machine may take a while.
+        inner = shared.inner
+        assert inner is not None  # made at start
+        deadline = time.monotonic() + 30
+        while any(e._instances.values() for e in (inner, local)):
+            assert time.monotonic() < deadline, "runs still in flight after 30 s"
+            await asyncio.sleep(0.02)
         scheduler.shutdown()
         await asyncio.sleep(0.05)  # AsyncIOScheduler shuts down in a callback of the loop
         assert not scheduler.running
@@ -196,7 +211,9 @@ def date_worker(url: str, i: int, ready: Any, go: Any, out: Any) -> None:
         record, "date", run_date=run_date, args=[url, "control:"], executor="local",
         misfire_grace_time=GRACE,
     )  # fmt: skip
-    _run(scheduler, start_at, stop_at, out)
+    # A worker of a loaded machine may start after stop_at: it still submits
+    # both fires (a date job leaves the store once submitted) before pausing.
+    _run(scheduler, start_at, stop_at, out, until=lambda: not scheduler.get_jobs())
 
 
 def cron_worker(url: str, i: int, ready: Any, go: Any, out: Any) -> None:
@@ -322,11 +339,12 @@ def test_a_cron_job_with_a_jitter_runs_once_per_fire_in_4_workers(
     url = f"local://{isolated_state.app}?linger=10"
 
     def window(now: float) -> tuple[float, float]:
-        # An even second at least 1 s ahead, so that a worker starting late still
-        # sees it. The window opens after the even second before it (a scheduler
-        # fires no cron time earlier than its start) and closes after this fire's
-        # latest jittered run (fire + 1), before the next one's earliest (fire + 2).
-        fire = 2 * math.ceil((now + 1.0) / 2)
+        # An even second at least 2 s ahead, so that a worker of a loaded machine
+        # starting up to 1.9 s late still sees it. The window opens after the even
+        # second before it (a scheduler fires no cron time earlier than its start)
+        # and closes after this fire's latest jittered run (fire + 1), before the
+        # next one's earliest (fire + 2).
+        fire = 2 * math.ceil((now + 2.0) / 2)
         return max(now + 0.1, fire - 1.9), fire + 1.9
 
     run_workers(cron_worker, url, window)
@@ -378,11 +396,13 @@ def test_a_busy_worker_leaves_the_fire_to_an_idle_one(url: str, shared_state: Sh
         )
         scheduler.add_listener(lambda event, w=worker: skipped.append(w), EVENT_JOB_MAX_INSTANCES)
         schedulers.append(scheduler)
+    began = time.monotonic()
     for scheduler in schedulers:
         scheduler.start()
     time.sleep(2.5)
     for scheduler in schedulers:
         scheduler.pause()
+    elapsed = time.monotonic() - began  # 2.5 s, more on a loaded machine
     time.sleep(0.8)
     for scheduler in schedulers:
         scheduler.shutdown()
@@ -393,7 +413,7 @@ def test_a_busy_worker_leaves_the_fire_to_an_idle_one(url: str, shared_state: Sh
     assert ran["b"] > 0, ran
     assert len(shared_state.keys("apscheduler:slow:")) == ran["a"] + ran["b"]
     # Never more than one at a time in one worker, so at most one fire per 0.6 s each.
-    assert ran["a"] + ran["b"] <= 2 * (2.5 / 0.6 + 1)
+    assert ran["a"] + ran["b"] <= 2 * (elapsed / 0.6 + 1), (ran, elapsed)
 
 
 def test_an_unavailable_state_skips_the_fire(
@@ -609,7 +629,9 @@ def test_gunicorn_with_4_workers_runs_each_fire_once(
     """The one-line switch in an app served by gunicorn: a job every 0.5 s
     runs about twice a second across the 4 workers ..."""
     runs, expected = _gunicorn_runs(url, True, tmp_path, shared_state)
-    assert expected - 2 <= runs <= expected + 2, (runs, expected)
+    # Fewer when every worker of a loaded machine was late for a fire (skipped)
+    # or the last runs lag; 4 times as many without the shared executor.
+    assert 0.6 * expected <= runs <= expected + 2, (runs, expected)
 
 
 @pytest.mark.parametrize("engine", ["manager"])
