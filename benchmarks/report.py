@@ -259,6 +259,27 @@ def connections_section(c: dict[str, Any]) -> list[str]:
     ]
 
 
+def near_cache_rows(near: dict[str, Any]) -> list[str]:
+    """Target rows of the near cache, per engine."""
+    rows = []
+    for name in ("embedded", "redis"):
+        g, st = near[name]["get"], near[name]["staleness"]
+        rows.append(
+            f"| near cache, {name}: cached `get` p50 ≤ 1 µs and ≥ 20× uncached | "
+            f"{g['cached_p50_us']:.2f} µs, {g['speedup']:.0f}× ({g['uncached_p50_us']:.1f} µs) | "
+            f"{_check(g['cached_p50_us'] <= 1.0 and g['speedup'] >= 20)} |"
+        )
+        never = name == "embedded"
+        bound = "no stale read at all" if never else "stale for ≤ 1 ms p99 after the ack"
+        ok = st["stale_reads"] == 0 if never else st["lag_p99_us"] <= 1000
+        rows.append(
+            f"| near cache, {name}: {bound} ({near['readers']} readers) | "
+            f"{st['stale_reads']} stale reads over {st['writes']} writes; lag p99 "
+            f"{st['lag_p99_us']:.0f} µs, max {st['lag_max_us']:.0f} µs | {_check(ok)} |"
+        )
+    return rows
+
+
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
     results: dict[str, Any] = {"engines": json.loads((folder / "engines.json").read_text())}
@@ -268,6 +289,8 @@ def main() -> None:
         results["durability"] = json.loads((folder / "durability.json").read_text())
     if (folder / "connections.json").exists():
         results["connections"] = json.loads((folder / "connections.json").read_text())
+    if (folder / "near_cache.json").exists():
+        results["near_cache"] = json.loads((folder / "near_cache.json").read_text())
     eng = results["engines"]
     lat, tp, sc = eng["latency"], eng["throughput"], eng["scale"]
     m, st = eng["machine"], eng["settings"]
@@ -327,6 +350,8 @@ def main() -> None:
             f"| HTTP `/increment` shared ≥ 85% of naive, every pairing | "
             f"{min(ratios):.0%} to {max(ratios):.0%} | {_check(min(ratios) >= 0.85)} |"
         )
+    if "near_cache" in results:
+        lines += near_cache_rows(results["near_cache"])
     if "durability" in results:
         clients = ", ".join(map(str, results["durability"]["settings"]["clients"]))
         for name, rows, target, ok in durability_ratios(results["durability"]):

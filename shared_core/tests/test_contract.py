@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from conftest import engine_url
+from conftest import ENGINES, engine_url
 from shared_core import LockTimeout, SharedState, StateError
 
 
@@ -16,6 +16,35 @@ from shared_core import LockTimeout, SharedState, StateError
 class Point:
     x: int
     y: int
+
+
+# Each engine, then the two that have a near cache with it on every key: the
+# contract is the same.
+_VARIANTS = [(e, False) for e in ENGINES] + [("manager", True), ("redis", True)]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "engine" in metafunc.fixturenames and "engine" not in _parametrized(metafunc):
+        metafunc.parametrize(
+            ("engine", "near"),
+            _VARIANTS,
+            ids=[e + ("-near" if near else "") for e, near in _VARIANTS],
+        )
+
+
+def _parametrized(metafunc: pytest.Metafunc) -> set[str]:
+    return {
+        name
+        for mark in metafunc.definition.iter_markers("parametrize")
+        for name in ([mark.args[0]] if isinstance(mark.args[0], str) else mark.args[0])
+    }
+
+
+@pytest.fixture
+def url(engine: str, near: bool, app: str, request: pytest.FixtureRequest) -> str:
+    if near:
+        return engine_url(engine, app, request, near_cache="*")
+    return engine_url(engine, app, request)
 
 
 # What every engine round-trips as it is.

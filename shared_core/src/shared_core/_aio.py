@@ -21,6 +21,7 @@ from ._checks import (
 from ._config import Config, resolve
 from ._errors import LockTimeout
 from ._lease import AsyncLease
+from ._near import MISS
 from ._once import arun_once
 from .engines import async_engine
 
@@ -42,6 +43,7 @@ class AsyncSharedState:
         self._config: Config = resolve(url, app)
         self._engine = async_engine(self._config)
         self._codec = self._engine.codec
+        self._near = self._engine.near
 
     @property
     def url(self) -> str:
@@ -50,6 +52,11 @@ class AsyncSharedState:
 
     async def get(self, key: str, default: Any = None) -> Any:
         """Return a copy of the value of ``key``, or ``default``."""
+        near = self._near
+        if near is not None:
+            value = near.read(key, default)  # no round trip while it is current
+            if value is not MISS:
+                return value
         return self._codec.decode(await self._engine.get(check_key(key)), default)
 
     async def set(self, key: str, value: Any, ttl: float | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ._errors import StateError
@@ -65,6 +66,23 @@ def _check_json_like(value: object, path: str = "value") -> None:
     )
 
 
+# The decoder's scanner (C): typeshed does not list it.
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _json_decode(text: str) -> Any:
+    """json.loads of what encode() wrote (UTF-8, no whitespace) without
+    json.loads's detection of the encoding and its whitespace matches: half
+    the time of a cached read."""
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        end = -1
+    if end != len(text):
+        return json.loads(text)  # not ours: json's own error, or its answer
+    return value
+
+
 class RedisCodec:
     """The Redis engine's: ints as decimal strings (INCRBY works on them),
     JSON-like values as tagged JSON, and pickles only by explicit opt-in,
@@ -95,7 +113,7 @@ class RedisCodec:
             return raw
         tag = raw[:1]
         if tag == _JSON_TAG:
-            return json.loads(raw[1:])
+            return _json_decode(raw[1:].decode())
         if tag == _PICKLE_TAG:
             if not self.allow_pickle:
                 raise StateError("this value was pickled; reading it needs ?serializer=pickle")

@@ -83,6 +83,8 @@ _OURS = {
     "eviction",
     "data_dir",
     "max_connections",
+    "near_cache",
+    "near_cache_size",
     # The embedded engine's: refused or meaningless elsewhere, never passed on.
     "persist",
     "snapshot_interval",
@@ -93,6 +95,7 @@ _OURS = {
 SOCKET_NAME = "state.sock"
 AUTHKEY_NAME = "authkey"
 START_LOCK_NAME = "start.lock"
+DEFAULT_NEAR_CACHE_SIZE = 10_000
 LOG_NAME = "server.log"
 
 _APP_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -130,6 +133,10 @@ class Config:
     # Connections one client opens for its threads, or (async) per event loop
     # for held locks (None: the engine's default); subscriptions come on top.
     max_connections: int | None = None
+    # Keys read through a near cache in each process (prefixes; "" is every
+    # key), and how many values a process keeps at most.
+    near_cache: tuple[str, ...] = ()
+    near_cache_size: int = DEFAULT_NEAR_CACHE_SIZE
 
     @property
     def is_redis(self) -> bool:
@@ -296,6 +303,8 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
     max_keys = _max_keys(query)
     max_connections = _whole(query, "max_connections", 0, minimum=1) or None
     eviction = query.get("eviction", ["volatile-lru"])[-1]
+    near_cache = _prefixes(query.get("near_cache", []))
+    near_cache_size = _whole(query, "near_cache_size", DEFAULT_NEAR_CACHE_SIZE, minimum=1)
     if eviction not in EVICTION_POLICIES:
         raise ConfigError(f"eviction={eviction!r}: use one of {', '.join(EVICTION_POLICIES)}")
     data_dir_arg = query.get("data_dir", [""])[-1]
@@ -345,6 +354,11 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         )
     if not _APP_RE.match(name):
         raise ConfigError(f"app name {name!r} must match {_APP_RE.pattern}")
+    if near_cache and (scheme == "tcp" or scheme in POSTGRES_SCHEMES):
+        raise ConfigError(
+            f"{url}: near_cache needs Redis or an embedded server on a Unix socket "
+            "(local:// or unix://), whose clients share its machine"
+        )
     data_dir: Path | None = None
     if data_dir_arg:
         data_dir = Path(data_dir_arg)
@@ -399,7 +413,23 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         eviction=eviction,
         data_dir=data_dir,
         max_connections=max_connections,
+        near_cache=near_cache,
+        near_cache_size=near_cache_size,
     )
+
+
+def _prefixes(values: list[str]) -> tuple[str, ...]:
+    """``near_cache=config:,flags:`` (repeatable); ``*`` alone: every key."""
+    prefixes: list[str] = []
+    for value in values:
+        for prefix in value.split(","):
+            if prefix == "*":
+                prefix = ""
+            elif not prefix:
+                continue
+            if prefix not in prefixes:
+                prefixes.append(prefix)
+    return tuple(prefixes)
 
 
 def _max_keys(query: dict[str, list[str]]) -> int | None:

@@ -21,6 +21,7 @@ from ._checks import (
 from ._config import Config, resolve
 from ._errors import LockTimeout
 from ._lease import Lease
+from ._near import MISS
 from ._once import run_once
 from .engines import sync_engine
 
@@ -44,6 +45,7 @@ class SharedState:
         self._config: Config = resolve(url, app)
         self._engine = sync_engine(self._config)
         self._codec = self._engine.codec
+        self._near = self._engine.near
 
     @property
     def url(self) -> str:
@@ -52,6 +54,11 @@ class SharedState:
 
     def get(self, key: str, default: Any = None) -> Any:
         """Return a copy of the value of ``key``, or ``default``."""
+        near = self._near
+        if near is not None:
+            value = near.read(key, default)  # no round trip while it is current
+            if value is not MISS:
+                return value
         return self._codec.decode(self._engine.get(check_key(key)), default)
 
     def set(self, key: str, value: Any, ttl: float | None = None) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from .._codec import Codec, Raw
 from .._config import Config
+from .._near import NearCache
 
 
 class Engine(Protocol):
@@ -32,6 +33,10 @@ class Engine(Protocol):
 
     @property
     def codec(self) -> Codec: ...
+    @property
+    def near(self) -> NearCache | None:
+        """The near cache, when the config asks for one (``get`` reads through it)."""
+        ...
 
     def get(self, key: str) -> Raw | None: ...
     def get_versioned(self, key: str) -> tuple[Raw | None, int | None]: ...
@@ -69,6 +74,8 @@ class AsyncEngine(Protocol):
 
     @property
     def codec(self) -> Codec: ...
+    @property
+    def near(self) -> NearCache | None: ...
 
     async def get(self, key: str) -> Raw | None: ...
     async def get_versioned(self, key: str) -> tuple[Raw | None, int | None]: ...

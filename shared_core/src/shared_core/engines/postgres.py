@@ -59,6 +59,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 from .._codec import Raw, RedisCodec
 from .._config import DEFAULT_POSTGRES_MAX_CONNECTIONS, Config
 from .._errors import ConfigError, LockTimeout, StateError, StateUnavailable
+from .._near import NearCache
 
 try:
     import psycopg
@@ -672,6 +673,7 @@ class _Engine:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.codec = RedisCodec(config.serializer == "pickle")
+        self.near: NearCache | None = None  # refused by the config
         self.sql = _Sql(config)
         self._next_sweep = time.monotonic() + _SWEEP_EVERY * (0.5 + _jitter())
         self._reply_timeout = config.op_timeout + _REPLY_GRACE

@@ -50,6 +50,7 @@ from .._backoff import Backoff
 from .._codec import Raw, RedisCodec
 from .._config import DEFAULT_REDIS_MAX_CONNECTIONS, Config
 from .._errors import CapacityError, ConfigError, LockTimeout, StateError, StateUnavailable
+from .._near import NearCache
 
 try:
     import redis
@@ -59,6 +60,9 @@ try:
     from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ConfigError("a redis:// URL needs redis-py: pip install 'shared-core[redis]'") from exc
+
+from . import redis_tracking as tracking
+from .redis_tracking import Tracker
 
 T = TypeVar("T")
 
@@ -150,6 +154,8 @@ put(KEYS[2], ARGV[2], 'keep')
 return 1
 """
 )
+# KEYS: key. The value and its PTTL, for a near cache.
+_GET_NEAR = _script("return {redis.call('HGET', KEYS[1], 'd'), redis.call('PTTL', KEYS[1])}")
 # KEYS: keys. false (not nil) for a missing one keeps the array whole.
 _GET_MANY = _script("""
 local found = {}
@@ -358,6 +364,15 @@ class _Commands:
     def get(self, key: str) -> _Op[Raw | None]:
         return _Op("get", key, _raw, ("HGET", self.value(key), "d"))
 
+    def get_near(self, key: str) -> _Op[tuple[Raw | None, float | None]]:
+        """The value and its ttl (seconds, None: none), read in one script."""
+
+        def parse(reply: list[Any]) -> tuple[Raw | None, float | None]:
+            data, pttl = reply
+            return _raw(data), (pttl / 1000 if pttl >= 0 else None)
+
+        return self._eval("get", key, _GET_NEAR, [self.value(key)], [], parse)
+
     def get_versioned(self, key: str) -> _Op[tuple[Raw | None, int | None]]:
         return _Op("get_versioned", key, _versioned, ("HMGET", self.value(key), "d", "n"))
 
@@ -559,6 +574,28 @@ class _Engine:
         self.config = config
         self.codec = RedisCodec(config.serializer == "pickle")
         self.cmd = _Commands(config)
+        # Reads of the near cache's keys: no round trip while Redis has sent
+        # no invalidation of them.
+        self._source = (str(config.address), self.cmd.values)
+        self._tracker: Tracker | None = None
+        self.near: NearCache | None = None
+        if config.near_cache:
+            tracker = self._tracker = Tracker(config, self.cmd.values, config.near_cache)
+            self.near = NearCache(
+                tracker.open, config.near_cache, config.near_cache_size, self.codec.decode
+            )
+
+    def _wrote(self, keys: Iterable[str]) -> None:
+        if tracking.TRACKERS:  # a near cache in this process, maybe of another client
+            tracking.wrote(self._source, keys)
+
+    def _wrote_all(self) -> None:
+        if tracking.TRACKERS:
+            tracking.wrote_all(self._source)
+
+    def _close_tracker(self, wait: bool = True) -> None:
+        if self._tracker is not None:
+            self._tracker.close(wait)
 
 
 class RedisEngine(_Engine):
@@ -595,6 +632,12 @@ class RedisEngine(_Engine):
     def _run(self, op: _Op[T]) -> T:
         return op.parse(self._call(lambda: self._send(op), op))
 
+    def _write(self, op: _Op[T], keys: Iterable[str]) -> T:
+        try:
+            return self._run(op)
+        finally:  # acknowledged or not, what this process kept of keys is stale
+            self._wrote(keys)
+
     def _acquire(self, op: _Op[T | None], timeout: float | None) -> T | None:
         retry = Backoff(_deadline(timeout), first=0.002, cap=0.1)
         while (got := self._run(op)) is None:
@@ -606,7 +649,15 @@ class RedisEngine(_Engine):
         return list(self.client.scan_iter(match=self.cmd.pattern(prefix), count=1000))
 
     def get(self, key: str) -> Raw | None:
-        return self._run(self.cmd.get(key))
+        near = self.near
+        if near is None or not key.startswith(near.prefixes):
+            return self._run(self.cmd.get(key))
+        # The state's get found no current value kept (see NearCache.read).
+        mark = near.mark(key)
+        sent = time.time()  # the ttl counts from no earlier than this
+        raw, ttl = self._run(self.cmd.get_near(key))
+        near.keep(key, mark, raw, None if ttl is None else sent + ttl)
+        return raw
 
     def get_versioned(self, key: str) -> tuple[Raw | None, int | None]:
         return self._run(self.cmd.get_versioned(key))
@@ -615,31 +666,31 @@ class RedisEngine(_Engine):
         return self._run(self.cmd.get_many(keys))
 
     def set(self, key: str, raw: Raw, ttl: float | None) -> None:
-        self._run(self.cmd.set_many({key: raw}, ttl))
+        self._write(self.cmd.set_many({key: raw}, ttl), (key,))
 
     def set_many(self, items: dict[str, Raw], ttl: float | None) -> None:
-        self._run(self.cmd.set_many(items, ttl))
+        self._write(self.cmd.set_many(items, ttl), items)
 
     def set_if_version(self, key: str, raw: Raw, version: int | None, ttl: float | None) -> bool:
-        return self._run(self.cmd.set_if_version(key, raw, version, ttl))
+        return self._write(self.cmd.set_if_version(key, raw, version, ttl), (key,))
 
     def add(self, key: str, raw: Raw, ttl: float | None) -> bool:
-        return self._run(self.cmd.set_if_version(key, raw, None, ttl))
+        return self._write(self.cmd.set_if_version(key, raw, None, ttl), (key,))
 
     def delete(self, key: str) -> bool:
-        return self._run(self.cmd.delete(key))
+        return self._write(self.cmd.delete(key), (key,))
 
     def delete_many(self, keys: list[str]) -> int:
-        return self._run(self.cmd.delete_many(keys))
+        return self._write(self.cmd.delete_many(keys), keys)
 
     def incr(self, key: str, amount: int, ttl: float | None) -> int:
-        return self._run(self.cmd.incr(key, amount, ttl))
+        return self._write(self.cmd.incr(key, amount, ttl), (key,))
 
     def setdefault(self, key: str, raw: Raw) -> Raw:
-        return self._run(self.cmd.setdefault(key, raw))
+        return self._write(self.cmd.setdefault(key, raw), (key,))
 
     def expire(self, key: str, ttl: float | None) -> bool:
-        return self._run(self.cmd.expire(key, ttl))
+        return self._write(self.cmd.expire(key, ttl), (key,))
 
     def ttl(self, key: str) -> float | None:
         return self._run(self.cmd.ttl(key))
@@ -648,8 +699,11 @@ class RedisEngine(_Engine):
         return self.cmd.listed(self._call(lambda: self._scan(prefix)))
 
     def clear(self, prefix: str) -> int:
-        doomed = self._call(lambda: self._scan(prefix))
-        return sum(self._run(op) for op in self.cmd.unlinks(doomed))
+        try:
+            doomed = self._call(lambda: self._scan(prefix))
+            return sum(self._run(op) for op in self.cmd.unlinks(doomed))
+        finally:
+            self._wrote_all()
 
     def secret(self, name: str, nbytes: int) -> str:
         return self._run(self.cmd.secret(name, nbytes))
@@ -674,7 +728,7 @@ class RedisEngine(_Engine):
         return self.cmd.mutate_begun(got, key, timeout)
 
     def mutate_end(self, handle: str, key: str, raw: Raw | None, commit: bool) -> None:
-        self._run(self.cmd.mutate_end(handle, key, raw, commit))
+        self._write(self.cmd.mutate_end(handle, key, raw, commit), (key,))
 
     def subscribe(self, channels: list[str]) -> _Subscriber:
         pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
@@ -704,6 +758,7 @@ class RedisEngine(_Engine):
         handle.pubsub.close()
 
     def close(self) -> None:
+        self._close_tracker()
         self.client.connection_pool.disconnect()
 
 
@@ -741,6 +796,12 @@ class AsyncRedisEngine(_Engine):
     async def _run(self, op: _Op[T]) -> T:
         return op.parse(await self._call(lambda: self._send(op), op))
 
+    async def _write(self, op: _Op[T], keys: Iterable[str]) -> T:
+        try:
+            return await self._run(op)
+        finally:  # acknowledged or not, what this process kept of keys is stale
+            self._wrote(keys)
+
     async def _acquire(self, op: _Op[T | None], timeout: float | None) -> T | None:
         retry = Backoff(_deadline(timeout), first=0.002, cap=0.1)
         while (got := await self._run(op)) is None:
@@ -755,7 +816,15 @@ class AsyncRedisEngine(_Engine):
         return [name async for name in found]
 
     async def get(self, key: str) -> Raw | None:
-        return await self._run(self.cmd.get(key))
+        near = self.near
+        if near is None or not key.startswith(near.prefixes):
+            return await self._run(self.cmd.get(key))
+        # The state's get found no current value kept (see NearCache.read).
+        mark = near.mark(key)
+        sent = time.time()  # the ttl counts from no earlier than this
+        raw, ttl = await self._run(self.cmd.get_near(key))
+        near.keep(key, mark, raw, None if ttl is None else sent + ttl)
+        return raw
 
     async def get_versioned(self, key: str) -> tuple[Raw | None, int | None]:
         return await self._run(self.cmd.get_versioned(key))
@@ -764,33 +833,33 @@ class AsyncRedisEngine(_Engine):
         return await self._run(self.cmd.get_many(keys))
 
     async def set(self, key: str, raw: Raw, ttl: float | None) -> None:
-        await self._run(self.cmd.set_many({key: raw}, ttl))
+        await self._write(self.cmd.set_many({key: raw}, ttl), (key,))
 
     async def set_many(self, items: dict[str, Raw], ttl: float | None) -> None:
-        await self._run(self.cmd.set_many(items, ttl))
+        await self._write(self.cmd.set_many(items, ttl), items)
 
     async def set_if_version(
         self, key: str, raw: Raw, version: int | None, ttl: float | None
     ) -> bool:
-        return await self._run(self.cmd.set_if_version(key, raw, version, ttl))
+        return await self._write(self.cmd.set_if_version(key, raw, version, ttl), (key,))
 
     async def add(self, key: str, raw: Raw, ttl: float | None) -> bool:
-        return await self._run(self.cmd.set_if_version(key, raw, None, ttl))
+        return await self._write(self.cmd.set_if_version(key, raw, None, ttl), (key,))
 
     async def delete(self, key: str) -> bool:
-        return await self._run(self.cmd.delete(key))
+        return await self._write(self.cmd.delete(key), (key,))
 
     async def delete_many(self, keys: list[str]) -> int:
-        return await self._run(self.cmd.delete_many(keys))
+        return await self._write(self.cmd.delete_many(keys), keys)
 
     async def incr(self, key: str, amount: int, ttl: float | None) -> int:
-        return await self._run(self.cmd.incr(key, amount, ttl))
+        return await self._write(self.cmd.incr(key, amount, ttl), (key,))
 
     async def setdefault(self, key: str, raw: Raw) -> Raw:
-        return await self._run(self.cmd.setdefault(key, raw))
+        return await self._write(self.cmd.setdefault(key, raw), (key,))
 
     async def expire(self, key: str, ttl: float | None) -> bool:
-        return await self._run(self.cmd.expire(key, ttl))
+        return await self._write(self.cmd.expire(key, ttl), (key,))
 
     async def ttl(self, key: str) -> float | None:
         return await self._run(self.cmd.ttl(key))
@@ -799,11 +868,14 @@ class AsyncRedisEngine(_Engine):
         return self.cmd.listed(await self._call(lambda: self._scan(prefix)))
 
     async def clear(self, prefix: str) -> int:
-        doomed = await self._call(lambda: self._scan(prefix))
-        removed = 0
-        for op in self.cmd.unlinks(doomed):
-            removed += await self._run(op)
-        return removed
+        try:
+            doomed = await self._call(lambda: self._scan(prefix))
+            removed = 0
+            for op in self.cmd.unlinks(doomed):
+                removed += await self._run(op)
+            return removed
+        finally:
+            self._wrote_all()
 
     async def secret(self, name: str, nbytes: int) -> str:
         return await self._run(self.cmd.secret(name, nbytes))
@@ -838,7 +910,7 @@ class AsyncRedisEngine(_Engine):
         return begun
 
     async def mutate_end(self, handle: str, key: str, raw: Raw | None, commit: bool) -> None:
-        await self._run(self.cmd.mutate_end(handle, key, raw, commit))
+        await self._write(self.cmd.mutate_end(handle, key, raw, commit), (key,))
 
     async def subscribe(self, channels: list[str]) -> _Subscriber:
         pubsub = self.client.pubsub()
@@ -869,6 +941,7 @@ class AsyncRedisEngine(_Engine):
         await handle.pubsub.aclose()
 
     async def aclose(self) -> None:
+        self._close_tracker(wait=False)  # its thread ends on its own: the loop must not wait
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
 

@@ -13,6 +13,7 @@ timer per connection rather than one per call.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import pickle
 import socket
@@ -25,20 +26,31 @@ from typing import Any, cast
 from ..._codec import PickleCodec, Raw
 from ..._config import DEFAULT_MAX_CONNECTIONS, Config
 from ..._errors import LockTimeout, StateError, StateUnavailable
+from ..._near import NearCache
 from .client import ENGINES, LOST, lock_slices, mutate_timeout, reply_wait
 from .lifecycle import connect
-from .protocol import frame, request, result, unframe
+from .near import ClientTable, table_path
+from .protocol import frame, frame_at, frame_size, request, result
 
 _WATCHDOG = 0.5  # seconds between checks of a pipe's oldest deadline
 
 
-class _Pipe(asyncio.Protocol):
-    """A connection whose replies come back in the order of the requests."""
+class _Pipe(asyncio.BufferedProtocol):
+    """A connection whose replies come back in the order of the requests.
+
+    Replies are read into one buffer the pipe keeps (a buffered protocol):
+    a plain protocol would have the transport allocate its 256 KiB read
+    size on every reply, which the allocator maps and unmaps each time.
+    """
+
+    _CHUNK = 1 << 16
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._buf = bytearray(self._CHUNK)
+        self._end = 0  # the bytes received are self._buf[:self._end]
         self._waiters: deque[asyncio.Future[Any]] = deque()
         self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._deadlines: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._watchdog: asyncio.TimerHandle | None = None
         self.closed = False
@@ -48,18 +60,37 @@ class _Pipe(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, hence the cast.
         self._transport = cast(asyncio.Transport, transport)
+        self._loop = asyncio.get_running_loop()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        buf, end = self._buf, self._end
+        need = end + 4096
+        if end >= 4:  # room for the whole of the frame being received
+            need = max(need, frame_size(buf, 0, end))
+        if need > len(buf):
+            grown = bytearray(max(need, 2 * len(buf)))
+            grown[:end] = buf[:end]
+            self._buf = buf = grown
+        return memoryview(buf)[end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
         buf = self._buf
-        buf += data
-        while (payload := unframe(buf)) is not None:
+        end = self._end = self._end + nbytes
+        start = 0
+        while (bounds := frame_at(buf, start, end)) is not None:
+            first, start = bounds
             fut = self._waiters.popleft()
             if fut.done():  # its caller was cancelled or timed out
                 continue
             try:
-                fut.set_result(pickle.loads(payload))  # noqa: S301 - authenticated server
+                fut.set_result(pickle.loads(memoryview(buf)[first:start]))  # noqa: S301 - authenticated server
             except Exception as exc:
                 fut.set_exception(StateError(f"unreadable reply: {exc!r}"))
+        if start:  # keep what is left of a frame at the front
+            buf[: end - start] = buf[start:end]
+            self._end = end - start
+        if len(buf) > self._CHUNK and self._end == 0:  # a big reply has gone
+            self._buf = bytearray(self._CHUNK)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -72,7 +103,7 @@ class _Pipe(asyncio.Protocol):
         if self.closed or self._transport is None:
             raise StateUnavailable(LOST)
         self._transport.write(frame(request))
-        loop = asyncio.get_running_loop()
+        loop = cast(asyncio.AbstractEventLoop, self._loop)
         fut = loop.create_future()
         self._waiters.append(fut)
         if timeout is not None:
@@ -143,6 +174,16 @@ class AsyncEmbeddedEngine:
         self._config = config
         self._size = config.max_connections or DEFAULT_MAX_CONNECTIONS
         self._reset()
+        # Reads of the near cache's keys: no round trip while they are current.
+        self.near: NearCache | None = None
+        path = table_path(config)
+        if config.near_cache and path is not None:
+            self.near = NearCache(
+                functools.partial(ClientTable.open, path),
+                config.near_cache,
+                config.near_cache_size,
+                self.codec.decode,
+            )
         ENGINES.add(self)
 
     def _reset(self) -> None:
@@ -230,7 +271,14 @@ class AsyncEmbeddedEngine:
     # One method per operation, as the AsyncEngine protocol has them.
 
     async def get(self, key: str) -> Raw | None:
-        return await self.call("get", key)  # type: ignore[no-any-return]
+        near = self.near
+        if near is None or not key.startswith(near.prefixes):
+            return await self.call("get", key)  # type: ignore[no-any-return]
+        # The state's get found no current value kept (see NearCache.read).
+        mark = near.mark(key)
+        raw, deadline = await self.call("get_near", key)
+        near.keep(key, mark, raw, deadline)
+        return raw  # type: ignore[no-any-return]
 
     async def get_versioned(self, key: str) -> tuple[Raw | None, int | None]:
         return await self.call("get_versioned", key)  # type: ignore[no-any-return]

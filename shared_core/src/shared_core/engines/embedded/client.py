@@ -13,6 +13,7 @@ of at most ``op_timeout``, so a frozen server is noticed there too).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pickle
 import select
@@ -27,8 +28,10 @@ from typing import Any, Protocol
 from ..._codec import PickleCodec, Raw
 from ..._config import DEFAULT_MAX_CONNECTIONS, Config
 from ..._errors import LockTimeout, StateUnavailable
+from ..._near import NearCache
 from .lifecycle import connect
-from .protocol import request, result, set_timeouts
+from .near import ClientTable, table_path
+from .protocol import frame_at, frame_size, request, result, set_timeouts
 
 LOST = "connection to the state server lost"
 # Seconds a sync lock wait holds a pooled connection before giving it back
@@ -73,20 +76,51 @@ def mutate_timeout(key: str, timeout: float | None) -> LockTimeout:
 
 
 class _Link:
-    """One connection of the pool, and its poller (to see a hang-up before use)."""
+    """One connection of the pool, and what reads its replies."""
 
-    __slots__ = ("__weakref__", "conn", "generation", "poller")
+    __slots__ = ("__weakref__", "_buf", "_fd", "conn", "generation", "poller")
 
-    def __init__(self, conn: Connection, generation: int) -> None:
+    _CHUNK = 1 << 13
+
+    def __init__(self, conn: Connection, generation: int, unix: bool) -> None:
         self.conn = conn
         self.generation = generation
-        self.poller = select.poll()
-        self.poller.register(conn.fileno(), select.POLLIN)
+        self._fd = conn.fileno()
+        self._buf = bytearray(self._CHUNK)
+        # TCP only: a request sent on a connection the server closed may be
+        # taken by the kernel and lost; on a Unix socket the send fails
+        # (EPIPE), and the caller sends it again on a new connection.
+        self.poller: Any = None
+        if not unix:
+            self.poller = select.poll()
+            self.poller.register(self._fd, select.POLLIN)
 
     def stale(self) -> bool:
         # Readable before we asked anything: the server closed it (it died or
         # restarted), so a request sent on it now would be lost.
-        return bool(self.poller.poll(0))
+        return self.poller is not None and bool(self.poller.poll(0))
+
+    def recv(self) -> Any:
+        """The next reply, read into this link's buffer: one read for a small
+        reply (``Connection.recv`` makes two, the length and then the rest)."""
+        buf, end = self._buf, 0
+        while (bounds := frame_at(buf, 0, end)) is None:
+            need = frame_size(buf, 0, end) if end >= 4 else 4
+            if need > len(buf):
+                grown = bytearray(need)
+                grown[:end] = buf[:end]
+                buf = self._buf = grown
+            # Bounded by the socket's receive timeout (set_timeouts).
+            got = os.readv(self._fd, [memoryview(buf)[end:]])
+            if got == 0:
+                raise EOFError("the state server closed the connection")
+            end += got
+        first, past = bounds
+        try:
+            return pickle.loads(memoryview(buf)[first:past])  # noqa: S301 - authenticated server
+        finally:
+            if len(buf) > self._CHUNK:
+                self._buf = bytearray(self._CHUNK)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -199,7 +233,9 @@ class _Pool:
     def _open(self) -> _Link:
         """Connect, in a slot already counted in ``open``."""
         try:
-            link = _Link(connect(self._config), self._generation)
+            link = _Link(
+                connect(self._config), self._generation, isinstance(self._config.address, str)
+            )
         except BaseException:
             self.discard(None)
             raise
@@ -272,6 +308,16 @@ class EmbeddedEngine:
         # how many it holds: its other calls go there too, so a thread that
         # holds a lock never waits for a connection another thread holds.
         self._local = threading.local()
+        # Reads of the near cache's keys: no round trip while they are current.
+        self.near: NearCache | None = None
+        path = table_path(config)
+        if config.near_cache and path is not None:
+            self.near = NearCache(
+                functools.partial(ClientTable.open, path),
+                config.near_cache,
+                config.near_cache_size,
+                self.codec.decode,
+            )
         ENGINES.add(self)
 
     def _pinned(self) -> _Link | None:
@@ -314,7 +360,7 @@ class EmbeddedEngine:
     def _reply(self, link: _Link, method: str) -> Any:
         """The reply's content; the connection is discarded if it broke."""
         try:
-            return link.conn.recv()
+            return link.recv()
         except BaseException as exc:
             # Broken, timed out, interrupted or unreadable: it cannot be trusted.
             self._pool.discard(link)
@@ -337,7 +383,14 @@ class EmbeddedEngine:
     # One method per operation, as the Engine protocol has them.
 
     def get(self, key: str) -> Raw | None:
-        return self.call("get", key)  # type: ignore[no-any-return]
+        near = self.near
+        if near is None or not key.startswith(near.prefixes):
+            return self.call("get", key)  # type: ignore[no-any-return]
+        # The state's get found no current value kept (see NearCache.read).
+        mark = near.mark(key)
+        raw, deadline = self.call("get_near", key)
+        near.keep(key, mark, raw, deadline)
+        return raw  # type: ignore[no-any-return]
 
     def get_versioned(self, key: str) -> tuple[Raw | None, int | None]:
         return self.call("get_versioned", key)  # type: ignore[no-any-return]

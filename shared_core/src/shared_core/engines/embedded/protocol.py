@@ -70,23 +70,29 @@ def frame(message: Any) -> bytes:
     return header + data
 
 
-def unframe(buf: bytearray) -> bytes | None:
-    """Take one whole frame's payload off the front of ``buf``, or None yet."""
-    if len(buf) < 4:
+def frame_at(buf: Any, start: int, end: int) -> tuple[int, int] | None:
+    """Where the payload of the frame at ``buf[start:end]`` lies, as
+    ``(first, past)``; None while the frame is not whole."""
+    if end - start < 4:
         return None
-    (size,) = _SIZE.unpack_from(buf)
-    start = 4
+    (size,) = _SIZE.unpack_from(buf, start)
+    first = start + 4
     if size == -1:
-        if len(buf) < 12:
+        if end - start < 12:
             return None
-        size = _BIG_SIZE.unpack_from(buf)[1]
-        start = 12
-    end = start + size
-    if len(buf) < end:
-        return None
-    payload = bytes(buf[start:end])
-    del buf[:end]
-    return payload
+        size = _BIG_SIZE.unpack_from(buf, start)[1]
+        first = start + 12
+    past = first + size
+    return None if past > end else (first, past)
+
+
+def frame_size(buf: Any, start: int, end: int) -> int:
+    """The whole size of the frame that starts at ``buf[start:end]`` (its
+    header must be there), so that a reader can make room for it."""
+    (size,) = _SIZE.unpack_from(buf, start)
+    if size == -1:
+        return 12 + int(_BIG_SIZE.unpack_from(buf, start)[1]) if end - start >= 12 else 12
+    return 4 + int(size)
 
 
 def set_timeouts(fd: int, seconds: float | None) -> None:

@@ -32,6 +32,7 @@ from ..._errors import ConfigError, PersistenceError
 from . import snapshot
 from .lifecycle import start_lock
 from .log import AppendLog, Persistence
+from .near import ServerTable, table_path
 from .protocol import ERROR, RETURN, STORE_ID, TRACEBACK
 from .store import Store
 
@@ -287,6 +288,12 @@ def serve(
         server.close()
         raise
     server.log = persistence.log
+    table = table_path(config)
+    if table is not None:
+        # Before anyone is served: its new epoch makes what clients kept
+        # from an earlier server stale (a server that refuses to start
+        # leaves it as it was).
+        store.attach_table(ServerTable(table))
 
     stop = server.stop_event
 

@@ -27,10 +27,13 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ..._errors import CapacityError, LockTimeout
 from . import records
+
+if TYPE_CHECKING:
+    from .near import ServerTable
 
 Value = int | bytes
 
@@ -69,6 +72,7 @@ class Store:
             "add", "delete", "delete_many", "incr", "setdefault", "expire", "ttl",
             "keys", "clear", "secret", "rotate_secret", "lock_acquire", "lock_release",
             "mutate_begin", "mutate_end", "info", "publish", "subscribe", "receive",
+            "get_near",
         }
     )  # fmt: skip
 
@@ -125,6 +129,13 @@ class Store:
         # log's order is the store's order.
         self._journal: Callable[[bytes], None] | None = None
         self._ops: list[bytes] = []
+        # The near cache's table of write counters, when the server has one.
+        self._touch: Callable[[str], None] | None = None
+
+    def attach_table(self, table: ServerTable | None) -> None:
+        """Count every write of a key in ``table`` from now on (None: stop)."""
+        with self._mutex:
+            self._touch = None if table is None else table.touch
 
     def attach_journal(self, append: Callable[[bytes], None] | None) -> None:
         """Hand every write's ops to ``append`` from now on (None: stop)."""
@@ -186,6 +197,8 @@ class Store:
         self._data[key] = value
         self.version += 1
         self._versions[key] = self.version
+        if self._touch is not None:
+            self._touch(key)
         if ttl is None:
             self._drop_deadline(key)
         elif not isinstance(ttl, _Keep):
@@ -205,6 +218,8 @@ class Store:
         if self._lru is not None:
             self._lru.pop(key, None)
         self.version += 1
+        if self._touch is not None:
+            self._touch(key)
         if logged and self._journal is not None:
             self._ops.append(records.delete(key))
         return True
@@ -259,6 +274,8 @@ class Store:
                 del data[key], versions[key], deadlines[key]
                 if lru is not None:
                     lru.pop(key, None)
+                if self._touch is not None:
+                    self._touch(key)
                 removed += 1
         if removed:
             self.expired += removed
@@ -314,6 +331,13 @@ class Store:
             if self._lru is not None and key in self._lru:
                 self._lru.move_to_end(key)
             return value
+
+    def get_near(self, key: str) -> tuple[Value | None, float | None]:
+        """The value of ``key`` and its deadline (``time.time()``), for a near cache."""
+        with self._mutex:
+            if not self._live(key, time.time()):
+                return None, None
+            return self._data[key], self._deadlines.get(key)
 
     def get_versioned(self, key: str) -> tuple[Value | None, int | None]:
         with self._mutex:
@@ -391,6 +415,8 @@ class Store:
                 self._data[key] = value
                 self.version += 1
                 self._versions[key] = self.version
+                if self._touch is not None:
+                    self._touch(key)
                 if self._journal is not None:
                     self._journal(records.put(key, value, None))
                 return value
@@ -427,6 +453,8 @@ class Store:
                 self._set_deadline(key, now + ttl)
             self.version += 1
             self._versions[key] = self.version
+            if self._touch is not None:
+                self._touch(key)
             if self._journal is not None:
                 self._journal(records.expire(key, self._deadlines.get(key)))
             return True

@@ -1,0 +1,114 @@
+"""The near cache of the embedded engine: reads of cached keys without a
+round trip, never stale once a write has been acknowledged.
+
+The server keeps a table of write counters in a file beside its socket,
+mapped into memory by the server (read and write) and by every client on
+the machine (read only). A key falls in one slot of the table (a CRC-32 of
+its name); every write of a key (set, delete, expiry, a new deadline) adds
+one to its slot before the write is acknowledged, under the store's mutex.
+
+A client reads the slot of a key before it asks for the key's value, and
+keeps the value with that count. A later read of the key uses the value kept
+while the slot still holds that count: then no write of a key of that slot
+has happened since the value was read, so the value is the current one. A
+write acknowledged to any process has already moved the count, so no read
+that starts after the acknowledgement returns the old value.
+
+A new server (after a crash, a restart, a replay of the log) adds one to the
+table's epoch (its second word) before it serves anyone, and every kept
+value also carries the epoch it was read in. The file is kept when a server
+exits, so that the next server of the state finds the same table and the
+clients that still map it see the new epoch.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+from ..._config import Config
+from ..._near import EPOCH, WORDS, bump, slot
+
+_MARK = int.from_bytes(b"scnear01", "little")
+_SIZE = 8 * WORDS  # 512 KiB
+
+
+def table_path(config: Config) -> Path | None:
+    """Where the server of ``config`` keeps its table: beside its Unix socket
+    (none for a TCP server, whose clients may be on other machines)."""
+    if config.state_dir is None or not isinstance(config.address, str):
+        return None
+    return Path(config.address + ".near")
+
+
+class ServerTable:
+    """The table as the server writes it (created 0600, kept across restarts)."""
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size != _SIZE:
+                os.ftruncate(fd, _SIZE)
+            self._map = mmap.mmap(fd, _SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.path = path
+        self.words = memoryview(self._map).cast("Q")
+        if self.words[0] != _MARK:
+            self.words[0] = _MARK
+        # Whatever the clients kept was read from another server.
+        bump(self.words, EPOCH)
+
+    def touch(self, key: str) -> None:
+        """Count a write of ``key`` (the store's mutex is held)."""
+        bump(self.words, slot(key))
+
+    def touch_all(self) -> None:
+        """Make every kept value stale (a replay, a bulk change)."""
+        bump(self.words, EPOCH)
+
+    def close(self) -> None:
+        self.words.release()
+        self._map.close()
+
+
+class ClientTable:
+    """The table as a client reads it; None from :meth:`open` when there is none."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self._map = mmap.mmap(fd, _SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+        self.words = memoryview(self._map).cast("Q")
+        self.path = path
+        self.inode = os.fstat(fd).st_ino
+
+    @classmethod
+    def open(cls, path: Path) -> ClientTable | None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            if os.fstat(fd).st_size != _SIZE:
+                return None
+            table = cls(path, fd)
+        finally:
+            os.close(fd)
+        if table.words[0] != _MARK:
+            table.close()
+            return None
+        return table
+
+    def current(self) -> bool:
+        """Whether the file at ``path`` is still the one mapped (a server that
+        found none made a new one)."""
+        try:
+            return os.stat(self.path).st_ino == self.inode
+        except FileNotFoundError:
+            return False
+
+    poll = current  # nothing arrives: the server writes the counters themselves
+
+    def close(self) -> None:
+        self.words.release()
+        self._map.close()
