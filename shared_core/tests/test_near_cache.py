@@ -16,6 +16,7 @@ import redis
 
 from conftest import engine_url, join_or_kill, redis_url
 from shared_core import AsyncSharedState, SharedState
+from shared_core._near import NearCache
 from shared_core.testing import RedisServer
 
 READERS = 8
@@ -105,6 +106,12 @@ def test_no_read_is_older_than_an_acknowledged_write(
     assert reads.value > 10 * WRITES * len(KEYS), reads.value  # mostly from the cache
 
 
+def _near_of(state: SharedState | AsyncSharedState) -> NearCache:
+    near_cache = state._engine.near
+    assert near_cache is not None, "the URL asks for a near cache"
+    return near_cache
+
+
 def _warm(read: Any, near_cache: Any) -> None:
     """Read until a read hits: on Redis the listener starts with the first
     read and keeps nothing until it listens."""
@@ -124,7 +131,7 @@ def near(near_engine: str, app: str, request: pytest.FixtureRequest) -> str:
 def test_a_cached_read_makes_no_round_trip(near: str) -> None:
     with SharedState(near) as state:
         state.set("config:flag", {"on": True})
-        near_cache = state._engine.near  # type: ignore[attr-defined]
+        near_cache = _near_of(state)
         _warm(lambda: state.get("config:flag"), near_cache)
         hits = near_cache.hits
         for _ in range(100):
@@ -144,7 +151,7 @@ def test_a_cached_value_is_a_copy(near: str, value: Any) -> None:
 
     with SharedState(near) as state:
         state.set("config:value", value)
-        near_cache = state._engine.near  # type: ignore[attr-defined]
+        near_cache = _near_of(state)
         _warm(lambda: state.get("config:value"), near_cache)
         hits = near_cache.hits
         first = state.get("config:value")
@@ -192,7 +199,7 @@ def test_the_cache_is_bounded(near_engine: str, app: str, request: pytest.Fixtur
     url = engine_url(near_engine, app, request, near_cache="config:", near_cache_size=10)
     with SharedState(url) as state:
         state.set("config:hot", "hot")
-        near_cache = state._engine.near  # type: ignore[attr-defined]
+        near_cache = _near_of(state)
         _warm(lambda: state.get("config:hot"), near_cache)
         for i in range(50):
             state.set(f"config:{i}", i)
@@ -236,7 +243,7 @@ async def _async_reads(near: str) -> None:
     try:
         writer.set("config:flag", 1)
         assert await state.get("config:flag") == 1
-        near_cache = state._engine.near  # type: ignore[attr-defined]
+        near_cache = _near_of(state)
         deadline = time.monotonic() + 10
         while near_cache.hits == 0:
             assert time.monotonic() < deadline
@@ -259,7 +266,7 @@ def test_a_lost_listener_drops_what_it_kept(app: str, request: pytest.FixtureReq
     sock = request.getfixturevalue("redis_socket")
     with SharedState(url) as state, SharedState(engine_url("redis", app, request)) as writer:
         writer.set("config:flag", "old")
-        near_cache = state._engine.near  # type: ignore[attr-defined]
+        near_cache = _near_of(state)
         _warm(lambda: state.get("config:flag"), near_cache)
         tracker = state._engine._tracker  # type: ignore[attr-defined]
         admin = redis.Redis(unix_socket_path=sock)
@@ -284,7 +291,7 @@ def test_a_restarted_redis_empties_every_cache(runtime_dir: Path, app: str) -> N
     try:
         with SharedState(url) as state:
             state.set("config:flag", "old")
-            _warm(lambda: state.get("config:flag"), state._engine.near)  # type: ignore[attr-defined]
+            _warm(lambda: state.get("config:flag"), _near_of(state))
             server.kill()
             server.start()
             assert state.get("config:flag") is None
