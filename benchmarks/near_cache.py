@@ -27,21 +27,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from roundtrip import p50
+
 from shared_core import SharedState
 from shared_core.testing import RedisServer
 
 READERS = 8
 KEY = "config:flag"
-
-
-def _p50(fn: Any, calls: int) -> float:
-    samples = []
-    clock = time.perf_counter_ns
-    for _ in range(calls):
-        t = clock()
-        fn()
-        samples.append(clock() - t)
-    return statistics.median(samples) / 1000
 
 
 def gets(url: str, near: str, rounds: int, calls: int) -> dict[str, float]:
@@ -55,8 +47,8 @@ def gets(url: str, near: str, rounds: int, calls: int) -> dict[str, float]:
             time.sleep(0.01)
         uncached_p50, cached_p50 = [], []
         for _ in range(rounds):
-            uncached_p50.append(_p50(lambda: plain.get(KEY), calls))
-            cached_p50.append(_p50(lambda: cached.get(KEY), calls * 20))
+            uncached_p50.append(p50(lambda: plain.get(KEY), calls))
+            cached_p50.append(p50(lambda: cached.get(KEY), calls * 20))
     u, c = statistics.median(uncached_p50), statistics.median(cached_p50)
     return {"uncached_p50_us": u, "cached_p50_us": c, "speedup": u / c}
 

@@ -46,7 +46,7 @@ def _echo_server(address: str, authkey: bytes, ready: threading.Event) -> None:
                 pass
 
 
-def _p50(fn: Callable[[], object], calls: int) -> float:
+def p50(fn: Callable[[], object], calls: int) -> float:
     samples = []
     clock = time.perf_counter_ns
     for _ in range(calls):
@@ -109,9 +109,9 @@ def main() -> None:
 
     rows: dict[str, list[float]] = {"echo": [], "incr": [], "get": [], "async incr": []}
     for i in range(args.rounds):
-        rows["echo"].append(_p50(echo_call, args.calls))
-        rows["incr"].append(_p50(lambda: state.incr("bench"), args.calls))
-        rows["get"].append(_p50(lambda: state.get("bench"), args.calls))
+        rows["echo"].append(p50(echo_call, args.calls))
+        rows["incr"].append(p50(lambda: state.incr("bench"), args.calls))
+        rows["get"].append(p50(lambda: state.get("bench"), args.calls))
         rows["async incr"].append(loop.run_until_complete(_ap50(astate, args.calls)))
         print(f"round {i + 1}/{args.rounds}", file=sys.stderr)
     if args.json:

@@ -13,7 +13,6 @@ timer per connection rather than one per call.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import pickle
 import socket
@@ -29,7 +28,7 @@ from ..._errors import LockTimeout, StateError, StateUnavailable
 from ..._near import NearCache
 from .client import ENGINES, LOST, lock_slices, mutate_timeout, reply_wait
 from .lifecycle import connect
-from .near import ClientTable, table_path
+from .near import near_cache
 from .protocol import frame, frame_at, frame_size, request, result
 
 _WATCHDOG = 0.5  # seconds between checks of a pipe's oldest deadline
@@ -175,15 +174,7 @@ class AsyncEmbeddedEngine:
         self._size = config.max_connections or DEFAULT_MAX_CONNECTIONS
         self._reset()
         # Reads of the near cache's keys: no round trip while they are current.
-        self.near: NearCache | None = None
-        path = table_path(config)
-        if config.near_cache and path is not None:
-            self.near = NearCache(
-                functools.partial(ClientTable.open, path),
-                config.near_cache,
-                config.near_cache_size,
-                self.codec.decode,
-            )
+        self.near: NearCache | None = near_cache(config, self.codec.decode)
         ENGINES.add(self)
 
     def _reset(self) -> None:

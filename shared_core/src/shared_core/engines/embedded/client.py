@@ -13,7 +13,6 @@ of at most ``op_timeout``, so a frozen server is noticed there too).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import pickle
 import select
@@ -30,7 +29,7 @@ from ..._config import DEFAULT_MAX_CONNECTIONS, Config
 from ..._errors import LockTimeout, StateUnavailable
 from ..._near import NearCache
 from .lifecycle import connect
-from .near import ClientTable, table_path
+from .near import near_cache
 from .protocol import frame_at, frame_size, request, result, set_timeouts
 
 LOST = "connection to the state server lost"
@@ -309,15 +308,7 @@ class EmbeddedEngine:
         # holds a lock never waits for a connection another thread holds.
         self._local = threading.local()
         # Reads of the near cache's keys: no round trip while they are current.
-        self.near: NearCache | None = None
-        path = table_path(config)
-        if config.near_cache and path is not None:
-            self.near = NearCache(
-                functools.partial(ClientTable.open, path),
-                config.near_cache,
-                config.near_cache_size,
-                self.codec.decode,
-            )
+        self.near: NearCache | None = near_cache(config, self.codec.decode)
         ENGINES.add(self)
 
     def _pinned(self) -> _Link | None:

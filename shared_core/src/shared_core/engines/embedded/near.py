@@ -23,12 +23,15 @@ clients that still map it see the new epoch.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..._config import Config
-from ..._near import EPOCH, WORDS, bump, slot
+from ..._near import EPOCH, WORDS, NearCache, bump, slot
 
 _MARK = int.from_bytes(b"scnear01", "little")
 _SIZE = 8 * WORDS  # 512 KiB
@@ -40,6 +43,16 @@ def table_path(config: Config) -> Path | None:
     if config.state_dir is None or not isinstance(config.address, str):
         return None
     return Path(config.address + ".near")
+
+
+def near_cache(config: Config, decode: Callable[[Any], Any]) -> NearCache | None:
+    """A client's near cache, if ``config`` asks for one and has a table."""
+    path = table_path(config)
+    if not config.near_cache or path is None:
+        return None
+    return NearCache(
+        functools.partial(ClientTable.open, path), config.near_cache, config.near_cache_size, decode
+    )
 
 
 class ServerTable:
