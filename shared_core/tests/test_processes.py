@@ -161,6 +161,36 @@ def test_sigkilled_lock_holder_releases_the_lock(url: str, engine: str) -> None:
         assert waited < LOCK_LEASE + 1.0, f"lock freed {waited:.2f}s after its holder died"
 
 
+def test_the_first_call_after_a_server_restart_succeeds(
+    app: str, request: pytest.FixtureRequest
+) -> None:
+    """Several idle connections died with the server: the next call is sent
+    on a new one (to the server it starts), not lost on a dead one."""
+    state = SharedState(engine_url("manager", app, request))
+    together = threading.Barrier(8)
+
+    def hold() -> None:  # each held lock has a connection of its own
+        with state.lock(f"held:{threading.get_ident()}"):
+            together.wait(10)
+
+    threads = [threading.Thread(target=hold) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert state.incr("n") == 1
+    pid = state.info()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid in [p.pid for p in server_processes(app)]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        assert state.incr("n") == 1  # the state died with the server
+    finally:
+        state.close()
+
+
 def test_threads_share_one_instance_safely(url: str) -> None:
     state = SharedState(url)
     seen: list[int] = []

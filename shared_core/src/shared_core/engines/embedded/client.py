@@ -331,7 +331,10 @@ class EmbeddedEngine:
             raise StateUnavailable("the state server did not take the request in time") from exc
         except OSError:
             # The server never read it (it is gone): resend on a new connection.
+            # The other connections to that server are gone too (a Unix socket
+            # has no poll() before a call to see it): a new generation of them.
             self._pool.discard(link)
+            self._pool.close()
             link = self._pool.take(self._config.connect_timeout)
             if link is None:
                 raise self._pool.busy() from None
