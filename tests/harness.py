@@ -174,10 +174,12 @@ class Pairing:
             # before the old one stops, not the 3.5 s default (14 s for 4
             # workers). Each worker listens on a socket of its own
             # (SO_REUSEPORT): at 0.5 s, all old ones had stopped before a
-            # new one listened, and connections were refused.
+            # new one listened, and connections were refused. As in the
+            # guides, --workers-kill-timeout: an old worker that ignored its
+            # SIGTERM on a loaded machine held the replacement for good.
             cmd = [sys.executable, "-m", "granian", "--interface", interface or self.interface,
                    "--workers", str(workers), "--host", "127.0.0.1", "--port", str(port),
-                   "--respawn-failed-workers"]  # fmt: skip
+                   "--respawn-failed-workers", "--workers-kill-timeout", "10"]  # fmt: skip
             if max_requests:
                 cmd += ["--respawn-interval", "1"]
         else:

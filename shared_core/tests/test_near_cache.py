@@ -29,6 +29,7 @@ KEYS = ["config:a", "config:b", "flags:x"]
 # deschedule redis-server or the reader between the two, hence the margin.
 LATE = {"manager": 0.0, "redis": 0.2}
 NEAR_ENGINES = ["manager", "redis"]
+HEARTBEAT_WAIT = 1.5  # seconds: past the Redis listener's first ping
 
 
 def _reader(url: str, acked: Any, acked_at: Any, late: Any, reads: Any, stop: Any) -> None:
@@ -191,6 +192,58 @@ def test_own_writes_deletes_and_expiry_are_seen(near: str) -> None:
         assert state.get("config:z") == 5
         state.clear("config:")
         assert state.get("config:z") is None
+
+
+class _Tag:
+    """A hashable object that may change: a dict key the pickle codec keeps."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Tag) and other.name == self.name
+
+
+def test_a_cached_dict_with_changeable_keys_is_copied_whole(
+    app: str, request: pytest.FixtureRequest
+) -> None:
+    """Embedded (pickle; Redis's JSON has str keys only): a dict keyed by
+    objects that may change is decoded anew for each read, not shallow-copied
+    with shared keys."""
+    with SharedState(engine_url("manager", app, request, near_cache="config:")) as state:
+        state.set("config:tags", {_Tag("a"): 1})
+        _warm(lambda: state.get("config:tags"), _near_of(state))
+        first, second = state.get("config:tags"), state.get("config:tags")
+        assert first == second == {_Tag("a"): 1}
+        assert next(iter(first)) is not next(iter(second))
+
+
+def test_the_redis_listener_works_past_1024_descriptors(
+    app: str, request: pytest.FixtureRequest
+) -> None:
+    """A worker with many sockets open: the listener's socket is numbered
+    above select()'s limit, and it still listens (no reconnect loop)."""
+    url = engine_url("redis", app, request, near_cache="config:")
+    spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with SharedState(url) as state, SharedState(engine_url("redis", app, request)) as writer:
+            writer.set("config:flag", 1)
+            near_cache = _near_of(state)
+            _warm(lambda: state.get("config:flag"), near_cache)
+            tracker = state._engine._tracker  # type: ignore[attr-defined]
+            assert tracker._conn._sock.fileno() >= 1024
+            time.sleep(HEARTBEAT_WAIT)  # a heartbeat goes out and is answered
+            writer.set("config:flag", 2)
+            deadline = time.monotonic() + 5
+            while state.get("config:flag") != 2:
+                assert time.monotonic() < deadline
+            assert tracker.lost == 0
+    finally:
+        for fd in spare:
+            os.close(fd)
 
 
 def test_the_cache_is_bounded(near_engine: str, app: str, request: pytest.FixtureRequest) -> None:

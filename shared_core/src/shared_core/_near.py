@@ -75,7 +75,7 @@ def _copier(value: Any, decode: Callable[[Any], Any], raw: Any) -> Callable[[Any
         return None
     if kind is tuple and all(type(v) in _SCALARS for v in value):
         return None
-    if kind is dict and all(type(v) in _SCALARS for v in value.values()):
+    if kind is dict and all(type(k) in _SCALARS and type(v) in _SCALARS for k, v in value.items()):
         return dict.copy
     if kind is list and all(type(v) in _SCALARS for v in value):
         return list.copy

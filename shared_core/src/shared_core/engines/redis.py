@@ -650,10 +650,10 @@ class RedisEngine(_Engine):
 
     def get(self, key: str) -> Raw | None:
         near = self.near
-        if near is None or not key.startswith(near.prefixes):
+        # The state's get found no current value kept (see NearCache.read);
+        # with no table (no listener yet, an older server), a plain get.
+        if near is None or not key.startswith(near.prefixes) or (mark := near.mark(key)) is None:
             return self._run(self.cmd.get(key))
-        # The state's get found no current value kept (see NearCache.read).
-        mark = near.mark(key)
         sent = time.time()  # the ttl counts from no earlier than this
         raw, ttl = self._run(self.cmd.get_near(key))
         near.keep(key, mark, raw, None if ttl is None else sent + ttl)
@@ -817,10 +817,10 @@ class AsyncRedisEngine(_Engine):
 
     async def get(self, key: str) -> Raw | None:
         near = self.near
-        if near is None or not key.startswith(near.prefixes):
+        # The state's get found no current value kept (see NearCache.read);
+        # with no table (no listener yet, an older server), a plain get.
+        if near is None or not key.startswith(near.prefixes) or (mark := near.mark(key)) is None:
             return await self._run(self.cmd.get(key))
-        # The state's get found no current value kept (see NearCache.read).
-        mark = near.mark(key)
         sent = time.time()  # the ttl counts from no earlier than this
         raw, ttl = await self._run(self.cmd.get_near(key))
         near.keep(key, mark, raw, None if ttl is None else sent + ttl)

@@ -71,6 +71,14 @@ def wrote_all(source: tuple[str, str]) -> None:
             bump(tracker.words, EPOCH)
 
 
+def _after_fork_in_child() -> None:
+    for tracker in list(TRACKERS):
+        tracker._start()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _tracked(prefixes: Iterable[str]) -> list[str]:
     """The prefixes Redis is given: it refuses one that overlaps another."""
     kept: list[str] = []
@@ -95,15 +103,19 @@ class Tracker:
         self._tracked = [values + p for p in _tracked(prefixes)]
         self._timeout = max(0.1, min(config.connect_timeout, 5.0))
         self.source = (self._address, values)
+        self.words = array.array("Q", bytes(8 * WORDS))
         self._start()
         TRACKERS.add(self)
 
     def _start(self) -> None:
         # Also in a forked child: the parent's thread, lock and connection
-        # are not its own.
+        # are not its own, and what it kept was kept under the parent's
+        # listener, so the epoch moves on (never back to a count it had).
         self._pid = os.getpid()
-        self.words = array.array("Q", bytes(8 * WORDS))
+        bump(self.words, EPOCH)
         self._lock = threading.Lock()  # one reader of the connection at a time
+        self._opening = threading.Lock()  # one listener thread, however many first reads
+        self._heard = 0.0  # when the connection last said anything (under _lock)
         self._conn: Any = None
         self._live = False
         self._stop = threading.Event()
@@ -122,11 +134,13 @@ class Tracker:
         if self._pid != os.getpid():
             self._start()
         if self._thread is None and not self._stop.is_set():
-            thread = threading.Thread(
-                target=self._listen, name="shared_core near cache", daemon=True
-            )
-            self._thread = thread
-            thread.start()
+            with self._opening:
+                if self._thread is None:
+                    thread = threading.Thread(
+                        target=self._listen, name="shared_core near cache", daemon=True
+                    )
+                    thread.start()
+                    self._thread = thread
         return self if self._live else None
 
     # what the engine reports ----------------------------------------------------
@@ -144,7 +158,7 @@ class Tracker:
         """Take in the messages already here; then whether the table is current."""
         conn = self._conn
         # Waiting frees the GIL for a listener that holds the lock meanwhile.
-        if conn is None or not self._lock.acquire(timeout=_POLL_WAIT):
+        if conn is None or self._pid != os.getpid() or not self._lock.acquire(timeout=_POLL_WAIT):
             return self.current()
         try:
             if conn is self._conn:
@@ -157,6 +171,8 @@ class Tracker:
 
     def close(self, wait: bool = True) -> None:
         """Stop listening (waiting at most a second for the thread, if ``wait``)."""
+        if self._pid != os.getpid():
+            self._start()  # the parent's lock may be held for ever here
         self._stop.set()
         TRACKERS.discard(self)
         with self._lock:
@@ -206,7 +222,6 @@ class Tracker:
                     log.warning("near cache: cannot listen to Redis (%s); reading through", exc)
                 self._stop.wait(min(_RETRY_CAP, 0.05 * 2**failures))
                 continue
-            failures = 0
             with self._lock:
                 if self._stop.is_set():
                     conn.disconnect()
@@ -214,29 +229,38 @@ class Tracker:
                 self._conn = conn
                 bump(self.words, EPOCH)  # whatever was kept before is from before we listened
                 self._live = True
+            started = time.monotonic()
             try:
                 self._serve(conn)
             except Exception as exc:
                 with self._lock:
                     self._drop(conn, exc)
+            # A connection that fails as soon as it is made does not make the
+            # next attempt come sooner.
+            failures = failures + 1 if time.monotonic() - started < HEARTBEAT else 0
+            if failures:
+                self._stop.wait(min(_RETRY_CAP, 0.05 * 2**failures))
 
     def _serve(self, conn: Any) -> None:
-        sock = conn._sock  # redis-py's socket: waited on without holding the lock
-        heard = time.monotonic()
-        pinged = False
+        # poll(), not select(): a worker may hold more than 1,024 descriptors.
+        poller = select.poll()
+        poller.register(conn._sock, select.POLLIN)  # redis-py's socket, waited on unlocked
+        self._heard = time.monotonic()
+        pinged = 0.0  # when the unanswered ping was sent; 0: none
         while not self._stop.is_set() and conn is self._conn:
-            ready, _, _ = select.select([sock], [], [], HEARTBEAT if not pinged else PONG_WAIT)
+            ready = poller.poll(1000 * (PONG_WAIT if pinged else HEARTBEAT))
             with self._lock:
                 if conn is not self._conn:
                     return  # dropped by a poll that failed
                 if ready or conn.can_read(0):
                     self._drain(conn)
-                    heard = time.monotonic()
-                    pinged = False
-                elif not pinged and time.monotonic() - heard >= HEARTBEAT:
+                now = time.monotonic()
+                if pinged and self._heard >= pinged:
+                    pinged = 0.0  # answered (a reader's poll may have read the pong)
+                if not pinged and now - self._heard >= HEARTBEAT:
                     conn.send_command("PING")
-                    pinged = True
-                elif pinged and time.monotonic() - heard >= HEARTBEAT + PONG_WAIT:
+                    pinged = now
+                elif pinged and now - pinged >= PONG_WAIT:
                     raise TimeoutError(f"no answer to a ping in {PONG_WAIT:g}s")
 
     def _drain(self, conn: Any) -> None:
@@ -246,6 +270,7 @@ class Tracker:
         values = self._values
         while conn.can_read(0):
             message = conn.read_response()
+            self._heard = time.monotonic()
             if not isinstance(message, list) or len(message) < 3 or message[0] != b"message":
                 continue  # a pong, a subscription's confirmation
             names = message[2]

@@ -378,10 +378,10 @@ class EmbeddedEngine:
 
     def get(self, key: str) -> Raw | None:
         near = self.near
-        if near is None or not key.startswith(near.prefixes):
+        # The state's get found no current value kept (see NearCache.read);
+        # with no table (no listener yet, an older server), a plain get.
+        if near is None or not key.startswith(near.prefixes) or (mark := near.mark(key)) is None:
             return self.call("get", key)  # type: ignore[no-any-return]
-        # The state's get found no current value kept (see NearCache.read).
-        mark = near.mark(key)
         raw, deadline = self.call("get_near", key)
         near.keep(key, mark, raw, deadline)
         return raw  # type: ignore[no-any-return]

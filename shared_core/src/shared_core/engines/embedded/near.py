@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import mmap
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,9 @@ class ServerTable:
         self.path = path
         self.words = memoryview(self._map).cast("Q")
         if self.words[0] != _MARK:
+            # A new file: its epoch starts anywhere, so that a client still
+            # mapping a deleted table never finds its counts here by chance.
+            self.words[EPOCH] = secrets.randbits(63)
             self.words[0] = _MARK
         # Whatever the clients kept was read from another server.
         bump(self.words, EPOCH)
