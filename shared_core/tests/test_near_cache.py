@@ -15,9 +15,9 @@ import pytest
 import redis
 
 from conftest import engine_url, join_or_kill, redis_url
-from shared_core import AsyncSharedState, SharedState
+from shared_core import AsyncSharedState, ConfigError, SharedState, StateUnavailable
 from shared_core._near import NearCache
-from shared_core.testing import RedisServer
+from shared_core.testing import RedisServer, StateServer
 
 READERS = 8
 WRITES = 150
@@ -286,6 +286,29 @@ def test_a_restarted_server_empties_every_cache(app: str, request: pytest.Fixtur
         assert state.get("config:flag") is None
 
 
+def test_while_no_server_runs_cached_reads_fail_as_every_call_does(runtime_dir: Path) -> None:
+    """An explicit server killed: what a process kept is not served while no
+    server runs (a read raises StateUnavailable, as a write does), and what it
+    reads from the next server is that server's."""
+    server = StateServer(runtime_dir, near_cache="config:", connect_timeout=0.5).start()
+    try:
+        with SharedState(server.url) as state:
+            state.set("config:flag", "old")
+            _warm(lambda: state.get("config:flag"), _near_of(state))
+            server.kill()
+            with pytest.raises(StateUnavailable):
+                state.get("config:flag")
+            with pytest.raises(StateUnavailable):
+                state.get("config:flag")  # also when it tries again
+            server.start()
+            assert state.get("config:flag") is None
+            state.set("config:flag", "new")
+            _warm(lambda: state.get("config:flag"), _near_of(state))
+            assert state.get("config:flag") == "new"
+    finally:
+        server.stop()
+
+
 def test_the_async_client_reads_through_it_too(near: str) -> None:
     asyncio.run(_async_reads(near))
 
@@ -350,3 +373,43 @@ def test_a_restarted_redis_empties_every_cache(runtime_dir: Path, app: str) -> N
             assert state.get("config:flag") is None
     finally:
         server.stop()
+
+
+def test_the_code_asks_for_prefixes_the_engine_keeps(
+    near_engine: str, app: str, request: pytest.FixtureRequest
+) -> None:
+    """``near_cache=`` given by the code (an app template) works as the URL's,
+    and adds to it."""
+    url = engine_url(near_engine, app, request, near_cache="flags:")
+    with SharedState(url, near_cache=("config:",)) as state:
+        assert state._config.near_cache == ("flags:", "config:")
+        state.set("config:flag", 1)
+        near_cache = _near_of(state)
+        _warm(lambda: state.get("config:flag"), near_cache)
+        state.set("config:flag", 2)
+        assert state.get("config:flag") == 2
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["tcp://127.0.0.1:9", "postgresql://localhost/db", "local://x?near_cache_size=0"],
+    ids=["tcp", "postgresql", "turned-off"],
+)
+def test_the_codes_prefixes_are_dropped_where_nothing_can_keep_them(url: str) -> None:
+    """On tcp:// and PostgreSQL (clients maybe on other machines, no
+    invalidation) the code's prefixes are read from the server, and a
+    deployer's ``near_cache_size=0`` turns them off; the URL's own
+    ``near_cache=`` is refused there instead, as it is the deployer's choice."""
+    state = SharedState(url, near_cache=("count:",))
+    assert state._config.near_cache == ()
+    assert state._engine.near is None
+    if "near_cache_size" not in url:
+        with pytest.raises(ConfigError, match="near_cache needs"):
+            SharedState(f"{url}?near_cache=count:")
+
+
+def test_near_cache_takes_prefixes_not_a_string() -> None:
+    with pytest.raises(TypeError, match="not one string"):
+        SharedState("local://x", near_cache="count:")  # a str is an Iterable[str]
+    with pytest.raises(TypeError, match="not one string"):
+        AsyncSharedState("local://x", near_cache="count:")  # a str is an Iterable[str]

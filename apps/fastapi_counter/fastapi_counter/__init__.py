@@ -63,7 +63,9 @@ def create_app(state_url: str | None = None) -> FastAPI:
     """Build the app on the state at ``state_url`` (else ``$SHARED_STATE_URL``, else embedded)."""
     # FastAPIOffline: a FastAPI whose /docs and /redoc use assets it serves, not a CDN's.
     app = FastAPIOffline(title=APP_NAME, lifespan=lifespan)
-    shared_state = init_app(app, state_url, app_name=APP_NAME)  # with signed sessions, 503s
+    # With signed sessions and 503s; the counts kept in each worker between
+    # writes (a near cache): /report reads them without a round trip.
+    shared_state = init_app(app, state_url, app_name=APP_NAME, near_cache=("count:",))
     # slowapi calls limits' sync API: a sync client of the same state ("shared://APP_NAME"
     # by default), so each check blocks this worker for one round trip.
     storage = f"shared+{shared_state.url}"

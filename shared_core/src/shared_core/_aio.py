@@ -32,6 +32,7 @@ class AsyncSharedState:
     Parameters:
         url: as for :class:`SharedState`.
         app: as for :class:`SharedState`.
+        near_cache: as for :class:`SharedState`.
 
     Waiting for the server never blocks the event loop: calls are written to
     a non-blocking socket and many concurrent calls share one connection
@@ -39,8 +40,10 @@ class AsyncSharedState:
     Use it from one event loop at a time.
     """
 
-    def __init__(self, url: str | None = None, *, app: str | None = None) -> None:
-        self._config: Config = resolve(url, app)
+    def __init__(
+        self, url: str | None = None, *, app: str | None = None, near_cache: Iterable[str] = ()
+    ) -> None:
+        self._config: Config = resolve(url, app, near_cache)
         self._engine = async_engine(self._config)
         self._codec = self._engine.codec
         self._near = self._engine.near

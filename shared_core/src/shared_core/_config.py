@@ -39,6 +39,7 @@ import re
 import secrets
 import stat
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlencode, urlsplit, urlunsplit
@@ -277,8 +278,17 @@ def _float(query: dict[str, list[str]], name: str, default: float) -> float:
     return value
 
 
-def resolve(url: str | None = None, app: str | None = None) -> Config:
-    """Resolve ``url`` (else ``$SHARED_STATE_URL``, else ``local://APP``)."""
+def resolve(
+    url: str | None = None, app: str | None = None, near_cache: Iterable[str] = ()
+) -> Config:
+    """Resolve ``url`` (else ``$SHARED_STATE_URL``, else ``local://APP``).
+
+    ``near_cache``: the code's own prefixes, kept where the engine can keep
+    them (unlike the URL's ``near_cache=``, which refuses the others).
+    """
+    if isinstance(near_cache, str):
+        raise TypeError("near_cache takes prefixes (a tuple or list), not one string")
+    asked = _prefixes(list(near_cache))
     if url is None:
         url = os.environ.get(ENV_URL) or f"local://{app or DEFAULT_APP}"
     parts = urlsplit(url)
@@ -303,8 +313,8 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
     max_keys = _max_keys(query)
     max_connections = _whole(query, "max_connections", 0, minimum=1) or None
     eviction = query.get("eviction", ["volatile-lru"])[-1]
-    near_cache = _prefixes(query.get("near_cache", []))
-    near_cache_size = _whole(query, "near_cache_size", DEFAULT_NEAR_CACHE_SIZE, minimum=1)
+    prefixes = _prefixes(query.get("near_cache", []))
+    near_cache_size = _whole(query, "near_cache_size", DEFAULT_NEAR_CACHE_SIZE, minimum=0)
     if eviction not in EVICTION_POLICIES:
         raise ConfigError(f"eviction={eviction!r}: use one of {', '.join(EVICTION_POLICIES)}")
     data_dir_arg = query.get("data_dir", [""])[-1]
@@ -354,11 +364,15 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         )
     if not _APP_RE.match(name):
         raise ConfigError(f"app name {name!r} must match {_APP_RE.pattern}")
-    if near_cache and (scheme == "tcp" or scheme in POSTGRES_SCHEMES):
+    if prefixes and (scheme == "tcp" or scheme in POSTGRES_SCHEMES):
         raise ConfigError(
             f"{url}: near_cache needs Redis or an embedded server on a Unix socket "
             "(local:// or unix://), whose clients share its machine"
         )
+    if scheme != "tcp" and scheme not in POSTGRES_SCHEMES:
+        prefixes += tuple(p for p in asked if p not in prefixes)
+    if near_cache_size == 0:
+        prefixes = ()  # the deployer's switch, also for what the code asks for
     data_dir: Path | None = None
     if data_dir_arg:
         data_dir = Path(data_dir_arg)
@@ -413,7 +427,7 @@ def resolve(url: str | None = None, app: str | None = None) -> Config:
         eviction=eviction,
         data_dir=data_dir,
         max_connections=max_connections,
-        near_cache=near_cache,
+        near_cache=prefixes,
         near_cache_size=near_cache_size,
     )
 

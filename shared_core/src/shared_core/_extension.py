@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Generic, TypeVar
 
 EXTENSION_KEY = "shared_core"
@@ -28,6 +29,9 @@ class ExtensionBase(Generic[AppT, StateT]):
         sessions: sign sessions with that secret (a ``SECRET_KEY`` set in the
             config is used instead).
         errors: answer ``StateUnavailable`` with ``503 {"error": ...}``.
+        near_cache: prefixes of keys the app reads often and writes rarely,
+            kept in each worker where the engine can (see the state's
+            ``near_cache``).
     """
 
     def __init__(
@@ -39,7 +43,11 @@ class ExtensionBase(Generic[AppT, StateT]):
         secret_name: str = SIGNING_KEY_NAME,
         sessions: bool = True,
         errors: bool = True,
+        near_cache: Iterable[str] = (),
     ) -> None:
+        if isinstance(near_cache, str):
+            raise TypeError("near_cache takes prefixes (a tuple or list), not one string")
+        self.near_cache = tuple(near_cache)
         self.url = url
         self.app_name = app_name
         self.secret_name = secret_name

@@ -34,6 +34,12 @@ class SharedState:
             ``$SHARED_STATE_URL``, else ``local://APP``, a server started on
             demand on a private Unix socket.
         app: the app name that picks the default ``local://`` address.
+        near_cache: prefixes of keys this code reads often and writes rarely,
+            kept in each process (see "Near cache" in the package README)
+            where the engine can: an embedded server on a Unix socket, or
+            Redis; on ``tcp://`` and PostgreSQL they are read from the
+            server. Added to the URL's ``near_cache=``; a URL's
+            ``near_cache_size=0`` turns both off.
 
     Nothing connects until the first call. Instances may be shared between
     threads (each thread gets its own connection) and survive ``fork`` (the
@@ -41,8 +47,10 @@ class SharedState:
     server cannot be reached within ``connect_timeout``.
     """
 
-    def __init__(self, url: str | None = None, *, app: str | None = None) -> None:
-        self._config: Config = resolve(url, app)
+    def __init__(
+        self, url: str | None = None, *, app: str | None = None, near_cache: Iterable[str] = ()
+    ) -> None:
+        self._config: Config = resolve(url, app, near_cache)
         self._engine = sync_engine(self._config)
         self._codec = self._engine.codec
         self._near = self._engine.near

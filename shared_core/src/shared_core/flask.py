@@ -77,7 +77,7 @@ class SharedStateExtension(ExtensionBase[Flask, SharedState]):
         Nothing connects here: the first request (or call) does.
         """
         url, name = self.where(app)
-        state = SharedState(url, app=name)
+        state = SharedState(url, app=name, near_cache=self.near_cache)
         worker = _Worker(state)
         app.extensions[EXTENSION_KEY] = state
         app.extensions[_WORKER_KEY] = worker

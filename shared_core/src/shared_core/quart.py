@@ -75,7 +75,7 @@ class SharedStateExtension(ExtensionBase[Quart, AsyncSharedState]):
         """Give ``app`` its shared state, session signing, 503 handler and
         serving hooks; return the state. Nothing connects here."""
         url, name = self.where(app)
-        state = AsyncSharedState(url, app=name)
+        state = AsyncSharedState(url, app=name, near_cache=self.near_cache)
         worker = Worker(state)
         app.extensions[EXTENSION_KEY] = state
         app.extensions[_WORKER_KEY] = worker

@@ -28,7 +28,7 @@ asginl``): background tasks then start on the first request. The
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -73,6 +73,7 @@ def init_app(
     secret_name: str = SIGNING_KEY_NAME,
     sessions: bool = True,
     errors: bool = True,
+    near_cache: Iterable[str] = (),
 ) -> AsyncSharedState:
     """Attach a shared state to ``app`` (``app.state.shared_state``) and return it.
 
@@ -87,10 +88,13 @@ def init_app(
             (for other cookie options, pass False and add it yourself).
         errors: answer ``StateUnavailable`` with ``503 {"error": ...}``
             (:func:`add_exception_handlers`).
+        near_cache: prefixes of keys the app reads often and writes rarely,
+            kept in each worker where the engine can (see
+            :class:`~shared_core.SharedState`).
     """
     if isinstance(getattr(app.state, "shared_core_worker", None), Worker):
         raise RuntimeError("shared_core is already initialised on this app")
-    state = AsyncSharedState(url, app=app_name)
+    state = AsyncSharedState(url, app=app_name, near_cache=near_cache)
     worker = Worker(state)
     app.state.shared_state = state
     app.state.shared_core_worker = worker

@@ -19,14 +19,24 @@ table's epoch (its second word) before it serves anyone, and every kept
 value also carries the epoch it was read in. The file is kept when a server
 exits, so that the next server of the state finds the same table and the
 clients that still map it see the new epoch.
+
+The server holds an exclusive ``flock`` on the file while it runs; the
+kernel drops it the moment the server exits, however it exits. A client
+whose check finds the file unlocked keeps nothing, so that while no server
+runs its reads fail (``StateUnavailable``) as every other call does, instead
+of answering from what it kept.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import logging
 import mmap
 import os
 import secrets
+import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +46,11 @@ from ..._near import EPOCH, WORDS, NearCache, bump, slot
 
 _MARK = int.from_bytes(b"scnear01", "little")
 _SIZE = 8 * WORDS  # 512 KiB
+# How long a new server waits for an old one, still exiting, to let go of
+# the file's lock; past that it serves without it and clients keep nothing.
+_LOCK_WAIT = 5.0
+
+log = logging.getLogger("shared_core.server")
 
 
 def table_path(config: Config) -> Path | None:
@@ -60,13 +75,17 @@ class ServerTable:
     """The table as the server writes it (created 0600, kept across restarts)."""
 
     def __init__(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size != _SIZE:
                 os.ftruncate(fd, _SIZE)
             self._map = mmap.mmap(fd, _SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self.locked = _lock(fd)
+        if not self.locked:
+            log.warning("near cache: %s stays locked; clients will read through", path)
         self.path = path
         self.words = memoryview(self._map).cast("Q")
         if self.words[0] != _MARK:
@@ -88,6 +107,31 @@ class ServerTable:
     def close(self) -> None:
         self.words.release()
         self._map.close()
+        os.close(self._fd)  # and with it the lock
+
+
+def _lock(fd: int) -> bool:
+    """Take the table's lock for this server, waiting at most ``_LOCK_WAIT``
+    for a server still exiting (or a client checking at that moment)."""
+    deadline = time.monotonic() + _LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+
+
+def _served(fd: int) -> bool:
+    """Whether a server holds the lock of the file open at ``fd``."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
 
 
 class ClientTable:
@@ -98,6 +142,9 @@ class ClientTable:
         self.words = memoryview(self._map).cast("Q")
         self.path = path
         self.inode = os.fstat(fd).st_ino
+        self._fd = fd  # kept open: the server's lock is checked on it
+        # A cache drops a table without closing it (another thread may read it).
+        self._closer = weakref.finalize(self, os.close, fd)
 
     @classmethod
     def open(cls, path: Path) -> ClientTable | None:
@@ -106,11 +153,13 @@ class ClientTable:
         except FileNotFoundError:
             return None
         try:
-            if os.fstat(fd).st_size != _SIZE:
+            if os.fstat(fd).st_size != _SIZE or not _served(fd):
+                os.close(fd)
                 return None
             table = cls(path, fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
         if table.words[0] != _MARK:
             table.close()
             return None
@@ -118,14 +167,17 @@ class ClientTable:
 
     def current(self) -> bool:
         """Whether the file at ``path`` is still the one mapped (a server that
-        found none made a new one)."""
+        found none made a new one) and a server still runs on it."""
         try:
-            return os.stat(self.path).st_ino == self.inode
+            if os.stat(self.path).st_ino != self.inode:
+                return False
         except FileNotFoundError:
             return False
+        return _served(self._fd)
 
     poll = current  # nothing arrives: the server writes the counters themselves
 
     def close(self) -> None:
         self.words.release()
         self._map.close()
+        self._closer()
