@@ -1,4 +1,6 @@
-"""HTTP-level benchmark: ``POST /increment`` on every pairing, 4 workers.
+"""HTTP-level benchmark: ``POST /increment``, then ``GET /report`` (a read
+of the count, kept in each worker by the apps' near cache), on every
+pairing, 4 workers.
 
 For each framework × server, three modes in one run: the shared state on the
 embedded manager engine, the naive per-worker global (fast and wrong: the
@@ -120,6 +122,13 @@ def run_one(pairing: str, mode: str, seconds: int, redis_url: str | None) -> dic
         # Where the time goes: CPU per request in the workers and the state server.
         for part, used in cpu.items():
             result[f"{part}_cpu_us"] = used / result["rps"] * 1e6 if result["rps"] else None
+        # Then reads of the count the run left: the apps keep it in each worker
+        # (a near cache), so /report makes no round trip until the next write.
+        reads = subprocess.run(
+            ["wrk", "-t1", "-c64", f"-d{seconds}s", "--latency", f"{d.url}/report"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        result["report"] = parse_wrk(reads.stdout)
     finally:
         d.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -143,6 +143,19 @@ def test_options_of_the_extension(url: str, unreachable: str) -> None:
     assert get_state(configured).url == unreachable  # the app's config wins
 
 
+def test_the_extension_asks_for_a_near_cache_where_the_engine_has_one(url: str) -> None:
+    app = Flask(__name__)
+    SharedStateExtension(app, url=url, near_cache=("count:",))
+    state = get_state(app)
+    kept = () if url.startswith(("postgresql", "tcp")) else ("count:",)
+    assert state._config.near_cache == kept
+    state.set("count:a", 1)
+    assert [state.get("count:a") for _ in range(3)] == [1, 1, 1]
+    state.close()
+    with pytest.raises(TypeError, match="not one string"):
+        SharedStateExtension(near_cache="count:")
+
+
 def test_misuse_is_reported_clearly(url: str) -> None:
     app = create_app(url)
     with pytest.raises(RuntimeError, match="already initialised"):

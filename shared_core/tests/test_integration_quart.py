@@ -182,6 +182,17 @@ async def test_several_apps_in_one_process_each_have_their_state(url: str, app: 
             assert shared.state is get_state(second)
 
 
+async def test_the_extension_asks_for_a_near_cache_where_the_engine_has_one(url: str) -> None:
+    app = Quart(__name__)
+    SharedStateExtension(app, url=url, near_cache=("count:",))
+    state = get_state(app)
+    kept = () if url.startswith(("postgresql", "tcp")) else ("count:",)
+    assert state._config.near_cache == kept
+    await state.set("count:a", 1)
+    assert [await state.get("count:a") for _ in range(3)] == [1, 1, 1]
+    await state.aclose()
+
+
 async def test_misuse_is_reported_clearly(unreachable: str) -> None:
     app = create_app(unreachable)
     with pytest.raises(RuntimeError, match="already initialised"):

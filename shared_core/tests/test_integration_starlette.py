@@ -197,6 +197,16 @@ async def test_a_starlette_app(url: str) -> None:
         assert session_cookie(response)
 
 
+async def test_init_app_asks_for_a_near_cache_where_the_engine_has_one(url: str) -> None:
+    app = Starlette(lifespan=lifespan)
+    state = init_app(app, url, near_cache=("count:",))
+    kept = () if url.startswith(("postgresql", "tcp")) else ("count:",)
+    assert state._config.near_cache == kept
+    async with serving(app):
+        await state.set("count:a", 1)
+        assert [await state.get("count:a") for _ in range(3)] == [1, 1, 1]
+
+
 async def test_the_lifespan_runs_a_background_listener_and_stops_it(url: str) -> None:
     app = create_app(url)
     state: AsyncSharedState = app.state.shared_state
