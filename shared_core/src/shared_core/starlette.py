@@ -243,8 +243,14 @@ class SharedSecretSessionMiddleware:
         await self._sessions(scope, receive, send)
 
 
+async def _dependency(connection: HTTPConnection) -> AsyncSharedState:
+    # async: FastAPI runs a plain function's dependency in its thread pool,
+    # a hop to another thread and back on every request.
+    return _worker_of(connection.app).state
+
+
 if TYPE_CHECKING:
-    SharedStateDep = Annotated[AsyncSharedState, Depends(get_state)]
+    SharedStateDep = Annotated[AsyncSharedState, Depends(_dependency)]
     """A FastAPI parameter annotation: ``state: SharedStateDep``."""
 
 
@@ -253,7 +259,7 @@ def __getattr__(name: str) -> object:
     if name == "SharedStateDep":
         from fastapi import Depends
 
-        return Annotated[AsyncSharedState, Depends(get_state)]
+        return Annotated[AsyncSharedState, Depends(_dependency)]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
