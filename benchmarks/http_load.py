@@ -107,6 +107,9 @@ def run_one(pairing: str, mode: str, seconds: int, redis_url: str | None) -> dic
             capture_output=True,
             check=True,
         )
+        # The warm-up's last requests, dropped by wrk when it stopped, may still
+        # run (an async server finishes them): after the reset they would count.
+        time.sleep(1.0)
         httpx.post(f"{d.url}/reset")
         wrk = subprocess.Popen(
             ["wrk", "-t1", "-c64", f"-d{seconds}s", "--latency", "-s", str(script),
