@@ -61,6 +61,12 @@ NOT_A_BACKEND = (
     "MemcachedCache by their own fixtures; Cache.from_url; plugins on the "
     "memory cache's dict), not the backend given to the acceptance tests"
 )
+# Tests that sleep exactly their ttl and expect the key gone: asyncio's
+# sleep may wake a clock tick early, before the server's expiry (a loaded
+# CI machine saw it once on Redis). Run again once, with the flaky plugin.
+TIMING: frozenset[str] = frozenset(
+    {"tests/acceptance/test_lock.py::TestOptimisticLock::test_check_and_set_with_int_ttl"}
+)
 _DESELECTED = pytest.StashKey[list[str]]()
 
 
@@ -94,6 +100,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         fixture = callspec.params.get("cache") if callspec else None
         engine = next((e for e, f in BACKENDS.items() if f == fixture), "")
         key = (engine, item.nodeid.split("[", 1)[0])
+        if key[1] in TIMING:
+            item.add_marker(pytest.mark.flaky(max_runs=2))
         if key in XFAIL:
             unused.discard(key)
             item.add_marker(pytest.mark.xfail(reason=XFAIL[key], raises=TypeError))
