@@ -246,7 +246,7 @@ class SharedSecretSessionMiddleware:
 async def _dependency(connection: HTTPConnection) -> AsyncSharedState:
     # async: FastAPI runs a plain function's dependency in its thread pool,
     # a hop to another thread and back on every request.
-    return _worker_of(connection.app).state
+    return get_state(connection)
 
 
 if TYPE_CHECKING:

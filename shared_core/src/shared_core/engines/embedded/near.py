@@ -83,8 +83,7 @@ class ServerTable:
         except BaseException:
             os.close(fd)
             raise
-        self.locked = _lock(fd)
-        if not self.locked:
+        if not _lock(fd):
             log.warning("near cache: %s stays locked; clients will read through", path)
         self.path = path
         self.words = memoryview(self._map).cast("Q")
